@@ -1,0 +1,77 @@
+"""Every default of maxlite. Experiment configs import this and change only what differs.
+
+Sizes here are a small byte-level Llama so that the base alone trains on a laptop CPU.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  # '' lets JAX pick (GPU if present); 'cpu' or 'gpu' forces a platform.
+  config.platform = ''
+
+  model = config.model = ml_collections.ConfigDict()
+  model.vocab_size = 264  # bytes + specials of the byte tokenizer
+  model.hidden_size = 128
+  model.num_layers = 4
+  model.num_heads = 4
+  model.num_kv_heads = 4  # < num_heads: grouped-query attention; 1: multi-query
+  model.head_dim = 0  # 0: hidden_size // num_heads
+  model.intermediate_size = 384
+  model.max_seq_len = 128
+  model.rope_theta = 10_000.0
+  model.norm_eps = 1e-5
+  model.tie_embeddings = True
+  model.init_std = 0.02
+  model.param_dtype = 'float32'  # master weights; float64 enables jax x64
+  model.compute_dtype = 'float32'  # bfloat16 on GPUs
+  model.attention = 'xla'
+  model.scan_layers = True  # scan keeps compile time flat in depth
+  model.remat = 'none'  # none | full | save_matmuls
+  model.z_loss_weight = 0.0
+
+  data = config.data = ml_collections.ConfigDict()
+  data.source = 'embedded'  # the Python standard library's own source, byte-level
+  data.seq_len = config.model.get_ref('max_seq_len')
+  data.embedded_max_bytes = 8_000_000  # cap on corpus size read from the stdlib
+  data.val_fraction = 0.02
+
+  train = config.train = ml_collections.ConfigDict()
+  train.run_dir = 'runs/base'
+  train.fresh_start = False  # True moves an existing run_dir aside instead of resuming
+  train.steps = 200
+  train.micro_batch_size = 16  # sequences per micro-step over the whole mesh
+  train.grad_accum_steps = 1  # global batch = micro_batch_size * grad_accum_steps
+  train.eval_interval = 100
+  train.eval_steps = 4
+  train.log_interval = 10
+  train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
+
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.lr = 3e-3
+  optim.min_lr = 3e-4
+  optim.warmup_steps = 20
+  optim.decay = 'cosine'  # cosine | linear | constant | wsd
+  optim.anneal_start_step = 0  # wsd only: constant lr until here, then decay
+  optim.weight_decay = 0.1
+  optim.b1 = 0.9
+  optim.b2 = 0.95
+  optim.eps = 1e-8
+  optim.grad_clip = 1.0  # global norm; 0 disables
+
+  parallel = config.parallel = ml_collections.ConfigDict()
+  parallel.data = -1  # one axis may be -1: it takes the remaining devices
+  parallel.fsdp = 1
+  parallel.tensor = 1
+  parallel.pipeline = 1
+  parallel.zero1 = False  # shard optimizer state over `data` as well
+
+  checkpoint = config.checkpoint = ml_collections.ConfigDict()
+  checkpoint.interval = 100  # steps; the final step is always saved
+  checkpoint.max_to_keep = 3
+
+  logging = config.logging = ml_collections.ConfigDict()
+  logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics
+  logging.tensorboard = True  # written when tensorboardX or tensorflow is installed
+  return config

@@ -1,0 +1,131 @@
+"""Config validation and derived values. Defaults live in configs/base.py, not here.
+
+Every check runs before anything is compiled and fails with one line that names
+the fields and numbers involved.
+"""
+import math
+
+import ml_collections
+
+MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
+DTYPES = ('bfloat16', 'float32', 'float64')
+DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
+REMAT_POLICIES = ('none', 'full', 'save_matmuls')
+ATTENTION_BACKENDS = ('xla',)
+
+
+class ConfigError(ValueError):
+  """A user mistake in the config; the entry point prints it as one line."""
+
+
+def _require(condition: bool, message: str):
+  if not condition:
+    raise ConfigError(message)
+
+
+def mesh_shape(parallel, num_devices: int) -> dict[str, int]:
+  """Resolves the one allowed -1 and checks the product against the device count."""
+  sizes = {axis: int(parallel[axis]) for axis in MESH_AXES}
+  free = [axis for axis, size in sizes.items() if size == -1]
+  _require(len(free) <= 1, f'parallel: only one axis may be -1, got {free}')
+  for axis, size in sizes.items():
+    _require(size == -1 or size >= 1, f'parallel.{axis}={size} must be >= 1 or -1')
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  if free:
+    _require(num_devices % fixed == 0,
+             f'parallel: {num_devices} devices are not divisible by the fixed axes '
+             f'product {fixed} ({_fmt(sizes)})')
+    sizes[free[0]] = num_devices // fixed
+  product = math.prod(sizes.values())
+  _require(product == num_devices,
+           f'parallel: data*fsdp*tensor*pipeline = {product} ({_fmt(sizes)}) '
+           f'but there are {num_devices} devices')
+  return sizes
+
+
+def _fmt(sizes):
+  return ', '.join(f'{axis}={size}' for axis, size in sizes.items())
+
+
+def head_dim(model) -> int:
+  return model.head_dim or model.hidden_size // model.num_heads
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
+  """Checks the whole config; returns the resolved mesh shape."""
+  model, train, optim = config.model, config.train, config.optim
+  for field in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+                'intermediate_size', 'max_seq_len'):
+    _require(model[field] >= 1, f'model.{field}={model[field]} must be >= 1')
+  _require(model.num_heads % model.num_kv_heads == 0,
+           f'model.num_heads={model.num_heads} is not divisible by '
+           f'model.num_kv_heads={model.num_kv_heads}')
+  _require(model.head_dim >= 0, f'model.head_dim={model.head_dim} must be >= 0 (0: hidden_size // num_heads)')
+  _require(model.head_dim > 0 or model.hidden_size % model.num_heads == 0,
+           f'model.hidden_size={model.hidden_size} is not divisible by '
+           f'model.num_heads={model.num_heads} (or set model.head_dim)')
+  _require(head_dim(model) % 2 == 0, f'head dim {head_dim(model)} must be even for rotary embeddings')
+  for field in ('param_dtype', 'compute_dtype'):
+    _require(model[field] in DTYPES, f'model.{field}={model[field]!r} is not one of {DTYPES}')
+  _require(model.remat in REMAT_POLICIES, f'model.remat={model.remat!r} is not one of {REMAT_POLICIES}')
+  _require(model.attention in ATTENTION_BACKENDS,
+           f'model.attention={model.attention!r} is not one of {ATTENTION_BACKENDS}')
+  _require(model.norm_eps > 0 and model.init_std > 0 and model.rope_theta > 0,
+           'model.norm_eps, model.init_std and model.rope_theta must be > 0')
+  _require(0 < config.data.seq_len <= model.max_seq_len,
+           f'data.seq_len={config.data.seq_len} must be in [1, model.max_seq_len={model.max_seq_len}]')
+
+  _require(train.steps >= 1, f'train.steps={train.steps} must be >= 1')
+  _require(train.micro_batch_size >= 1, f'train.micro_batch_size={train.micro_batch_size} must be >= 1')
+  _require(train.grad_accum_steps >= 1, f'train.grad_accum_steps={train.grad_accum_steps} must be >= 1')
+  for field in ('eval_interval', 'eval_steps'):
+    _require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0')
+  _require(train.log_interval >= 1, f'train.log_interval={train.log_interval} must be >= 1')
+  _require(bool(train.run_dir), 'train.run_dir must be set')
+  _require(config.checkpoint.interval >= 0, f'checkpoint.interval={config.checkpoint.interval} must be >= 0')
+
+  _require(optim.lr > 0, f'optim.lr={optim.lr} must be > 0')
+  _require(0 <= optim.min_lr <= optim.lr, f'optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]')
+  _require(0 <= optim.warmup_steps < train.steps,
+           f'optim.warmup_steps={optim.warmup_steps} must be in [0, train.steps={train.steps})')
+  _require(optim.decay in DECAY_STYLES, f'optim.decay={optim.decay!r} is not one of {DECAY_STYLES}')
+  if optim.decay == 'wsd':
+    _require(optim.warmup_steps <= optim.anneal_start_step < train.steps,
+             f'optim.anneal_start_step={optim.anneal_start_step} must be in '
+             f'[optim.warmup_steps={optim.warmup_steps}, train.steps={train.steps}) for wsd')
+  _require(optim.weight_decay >= 0, f'optim.weight_decay={optim.weight_decay} must be >= 0')
+  _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f'optim.b1={optim.b1} and optim.b2={optim.b2} must be in [0, 1)')
+  _require(optim.eps > 0, f'optim.eps={optim.eps} must be > 0')
+  _require(optim.grad_clip >= 0, f'optim.grad_clip={optim.grad_clip} must be >= 0 (0 disables)')
+
+  sizes = mesh_shape(config.parallel, num_devices)
+  _require(sizes['pipeline'] == 1, f'parallel.pipeline={sizes["pipeline"]}: pipeline parallelism is not supported yet')
+  tensor = sizes['tensor']
+  for field in ('num_heads', 'num_kv_heads', 'intermediate_size'):
+    _require(model[field] % tensor == 0,
+             f'parallel.tensor={tensor} does not divide model.{field}={model[field]}')
+  batch_shards = sizes['data'] * sizes['fsdp']
+  _require(train.micro_batch_size % batch_shards == 0,
+           f'train.micro_batch_size={train.micro_batch_size} (global batch '
+           f'{train.micro_batch_size * train.grad_accum_steps}) is not divisible by '
+           f'parallel.data*parallel.fsdp={batch_shards}')
+  return sizes
+
+
+def matmul_params(model) -> int:
+  """Weights that take part in a matmul per token: all but the embedding lookup."""
+  hd, d = head_dim(model), model.hidden_size
+  attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
+  mlp = 3 * d * model.intermediate_size
+  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
+
+
+def flops_per_token(model, seq_len: int) -> float:
+  """Training FLOPs per token, forward + backward (3x forward).
+
+  6 per matmul weight, plus attention's two T x T products: 2 * 2 * T * heads *
+  head_dim per layer forward, times 3. The causal half is not subtracted: this
+  is the PaLM convention, and it is what an XLA attention computes.
+  """
+  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
+  return 6 * matmul_params(model) + attention

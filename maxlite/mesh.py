@@ -1,0 +1,90 @@
+"""The device mesh and THE table of logical-axis rules.
+
+Parameters and activations name their dimensions with logical axes ('embed',
+'heads', ...). LOGICAL_AXIS_RULES maps each to mesh axes; nothing else in
+maxlite decides a sharding.
+"""
+import math
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxlite.config import MESH_AXES
+
+# fsdp shards parameters (ZeRO-3) and the batch; data shards only the batch;
+# tensor is Megatron column/row parallelism on heads, mlp and vocab, and also
+# shards the residual stream's length between blocks (sequence parallelism).
+LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
+    # parameter dimensions
+    'vocab': ('tensor',),
+    'embed': ('fsdp',),
+    'heads': ('tensor',),
+    'kv_heads': ('tensor',),
+    'head_dim': (),
+    'mlp': ('tensor',),
+    'norm': (),
+    'layers': (),
+    # activation dimensions
+    'batch': ('data', 'fsdp'),
+    'length': (),
+    'residual_length': ('tensor',),
+}
+
+# ZeRO-1: the optimizer state's 'embed' dimension is also split over `data`.
+ZERO1_RULES = {**LOGICAL_AXIS_RULES, 'embed': ('fsdp', 'data')}
+
+
+def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+  """A mesh over all devices; later axes vary fastest, so tensor stays within a host."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  return Mesh(devices.reshape(shape), MESH_AXES)
+
+
+def logical_to_spec(logical: P, shape: tuple[int, ...], mesh_sizes: Mapping[str, int],
+                    rules: Mapping[str, tuple[str, ...]] = LOGICAL_AXIS_RULES) -> P:
+  """Maps logical names to a PartitionSpec.
+
+  A mesh axis is used at most once per array (the first dimension that asks
+  gets it), and a dimension only takes mesh axes whose running product divides
+  its size; the rest of that dimension stays replicated (e.g. vocab 50257).
+  """
+  assert len(logical) == len(shape), (logical, shape)
+  used: set[str] = set()
+  spec = []
+  for name, size in zip(logical, shape):
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in rules:
+      raise KeyError(f'logical axis {name!r} has no rule in LOGICAL_AXIS_RULES')
+    axes = []
+    for axis in rules[name]:
+      split = math.prod(mesh_sizes[a] for a in axes) * mesh_sizes[axis]
+      if axis in used or mesh_sizes[axis] == 1 or size % split:
+        continue
+      axes.append(axis)
+    used.update(axes)
+    spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+  return P(*spec)
+
+
+def named_sharding(mesh: Mesh, logical: P, shape, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical, tuple(shape), dict(mesh.shape), rules))
+
+
+def tree_shardings(mesh: Mesh, logical_tree, abstract_tree, rules=LOGICAL_AXIS_RULES):
+  """Shardings for a pytree of arrays given a matching pytree of logical specs."""
+  return jax.tree.map(lambda logical, x: named_sharding(mesh, logical, x.shape, rules),
+                      logical_tree, abstract_tree)
+
+
+def constrain(x: jax.Array, logical: P) -> jax.Array:
+  """Pins an activation's sharding under the current mesh; a no-op without one."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(logical, x.shape, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(x, spec)

@@ -1,0 +1,78 @@
+"""Throughput, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard."""
+import json
+import pathlib
+import sys
+
+import jax
+
+# Dense bf16 peak FLOP/s per device (no sparsity), matched on jax's device_kind.
+# Longest key first, so 'H100 PCIe' wins over 'H100'.
+PEAK_BF16_FLOPS = {
+    'H100 PCIe': 756e12,
+    'H100': 989e12,
+    'H200': 989e12,
+    'GH200': 989e12,
+    'B200': 2250e12,
+    'A100': 312e12,
+    'L40S': 362e12,
+    'A10G': 125e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+  """The override if set, else the table's entry; None where unknown (CPU)."""
+  if override:
+    return override
+  for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+    if key.lower() in device_kind.lower():
+      return PEAK_BF16_FLOPS[key]
+  return None
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float | None):
+  if not peak:
+    return None
+  return flops_per_token * tokens_per_second / (num_devices * peak)
+
+
+def _tensorboard_writer(log_dir: pathlib.Path):
+  """A SummaryWriter from tensorboardX or PyTorch when either is installed."""
+  for module in ('tensorboardX', 'torch.utils.tensorboard'):
+    try:
+      return __import__(module, fromlist=['SummaryWriter']).SummaryWriter(str(log_dir))
+    except ImportError:
+      continue
+  return None
+
+
+class MetricWriter:
+  """Writes scalars from process 0 only: a line on stdout, a JSONL record, TensorBoard."""
+
+  def __init__(self, run_dir: pathlib.Path, tensorboard: bool):
+    self.active = jax.process_index() == 0
+    self.jsonl = None
+    self.tensorboard = None
+    if self.active:
+      self.jsonl = open(run_dir / 'metrics.jsonl', 'a')
+      if tensorboard:
+        self.tensorboard = _tensorboard_writer(run_dir / 'tensorboard')
+
+  def write(self, step: int, scalars: dict, line: str):
+    if not self.active:
+      return
+    print(line, flush=True)
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+    if self.tensorboard is not None:
+      for name, value in scalars.items():
+        self.tensorboard.add_scalar(name, value, step)
+
+  def info(self, message: str):
+    if self.active:
+      print(message, file=sys.stdout, flush=True)
+
+  def close(self):
+    if self.jsonl:
+      self.jsonl.close()
+    if self.tensorboard is not None:
+      self.tensorboard.close()

@@ -1,0 +1,146 @@
+"""The Llama decoder: embedding, a stack of scanned blocks, final norm, LM head.
+
+Shape legend: B batch, T length, D hidden, N query heads, K kv heads, H head
+dim, V vocab, L layers.
+
+The blocks' parameters are stacked along a leading 'layers' dimension and run
+with one `lax.scan`, so compile time does not grow with depth.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from maxlite.mesh import constrain
+from maxlite.model import layers
+from maxlite.model.attention import attention
+
+REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    # Keep weight-matmul outputs, recompute the cheap elementwise work.
+    'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+RESIDUAL = P('batch', 'residual_length', 'embed')
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  intermediate_size: int
+  rope_theta: float
+  norm_eps: float
+  tie_embeddings: bool
+  init_std: float
+  param_dtype: str
+  attention: str = 'xla'
+  scan_layers: bool = True
+  remat: str = 'none'
+
+  @classmethod
+  def from_config(cls, model) -> 'LlamaConfig':
+    """From the `model` sub-config; head_dim=0 there means hidden // heads."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model.items() if k in fields}
+    values['head_dim'] = model.head_dim or model.hidden_size // model.num_heads
+    return cls(**values)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs):
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    kw = dict(std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs)
+    self.q = layers.Dense((d,), (n, h), ('embed',), ('heads', 'head_dim'), **kw)
+    self.k = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
+    self.v = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
+    self.o = layers.Dense((n, h), (d,), ('heads', 'head_dim'), ('embed',), **kw)
+    self.rope_theta = cfg.rope_theta
+    self.backend = cfg.attention
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
+    k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
+    v_BTKH = self.v(x_BTD)
+    q_BTNH = constrain(q_BTNH, P('batch', 'length', 'heads', 'head_dim'))
+    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                         causal=True, backend=self.backend)
+    return self.o(out_BTNH)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs):
+    norm = dict(eps=cfg.norm_eps, dtype=cfg.param_dtype, rngs=rngs)
+    self.attention_norm = layers.RMSNorm(cfg.hidden_size, **norm)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.hidden_size, **norm)
+    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, std=cfg.init_std,
+                             dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
+    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
+    return constrain(x_BTD, RESIDUAL)
+
+
+def stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+  """num_layers Blocks as one Block whose parameters have a leading 'layers' dim."""
+
+  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def create(rngs):
+    return Block(cfg, rngs=rngs)
+
+  blocks = create(rngs)
+  for _, variable in nnx.iter_graph(blocks):
+    if isinstance(variable, nnx.Param):
+      variable.set_metadata(logical_axes=P('layers', *variable.get_metadata()['logical_axes']))
+  return blocks
+
+
+class Llama(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std,
+                              dtype=cfg.param_dtype, rngs=rngs)
+    self.blocks = stacked_blocks(cfg, rngs)
+    self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.param_dtype,
+                                     rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ('embed',), ('vocab',),
+                                  std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs)
+
+  def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
+    """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
+    x_BTD = constrain(self.embed(tokens_BT, compute_dtype), RESIDUAL)
+    x_BTD = self._run_blocks(x_BTD, segment_ids_BT, positions_BT)
+    x_BTD = self.final_norm(x_BTD)
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(x_BTD)
+    return self.lm_head(x_BTD).astype(jnp.promote_types(compute_dtype, jnp.float32))
+
+  def _run_blocks(self, x_BTD, segment_ids_BT, positions_BT):
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def one_block(x_BTD, layer_state):
+      block = nnx.merge(graphdef, layer_state)
+      return block(x_BTD, segment_ids_BT, positions_BT), None
+
+    if self.cfg.remat != 'none':
+      one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],
+                                 prevent_cse=not self.cfg.scan_layers)
+    if self.cfg.scan_layers:
+      x_BTD, _ = jax.lax.scan(one_block, x_BTD, stacked)
+    else:  # unrolled: longer compiles, sometimes faster steps
+      for i in range(self.cfg.num_layers):
+        x_BTD, _ = one_block(x_BTD, jax.tree.map(lambda a: a[i], stacked))
+    return x_BTD

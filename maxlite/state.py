@@ -1,0 +1,77 @@
+"""The train state, born sharded: shapes from eval_shape, values from a jit with out_shardings."""
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from maxlite import mesh as mesh_lib
+from maxlite.model.llama import Llama, LlamaConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict  # nested dict of float arrays, the master weights
+  opt_state: optax.OptState
+
+
+def _nested(flat_items):
+  tree = {}
+  for path, value in flat_items:
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def abstract_model(cfg: LlamaConfig):
+  """(graphdef, params as ShapeDtypeStructs, logical axis names), all nested dicts."""
+  model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  flat = list(nnx.to_flat_state(state))
+  shapes = _nested((path, jax.ShapeDtypeStruct(v.shape, v.dtype)) for path, v in flat)
+  logical = _nested((path, v.get_metadata()['logical_axes']) for path, v in flat)
+  return graphdef, shapes, logical
+
+
+def init_params(cfg: LlamaConfig, seed: int):
+  return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(seed))))
+
+
+def state_shardings(mesh, abstract_state: TrainState, logical_params, tx, zero1: bool):
+  """Params follow the rule table; optimizer moments mirror their params (plus
+  `data` under ZeRO-1); everything else (step, counters) is replicated."""
+  params = mesh_lib.tree_shardings(mesh, logical_params, abstract_state.params)
+  opt_rules = mesh_lib.ZERO1_RULES if zero1 else mesh_lib.LOGICAL_AXIS_RULES
+  replicated = NamedSharding(mesh, P())
+  opt_state = optax.tree_map_params(
+      tx, lambda x, logical: mesh_lib.named_sharding(mesh, logical, x.shape, opt_rules),
+      abstract_state.opt_state, logical_params,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def create_train_state(cfg: LlamaConfig, tx, mesh, seed: int, zero1: bool):
+  """Returns (graphdef, logical names, state, shardings); no array ever exists unsharded."""
+  graphdef, _, logical = abstract_model(cfg)
+
+  def init():
+    params = init_params(cfg, seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  abstract_state = jax.eval_shape(init)
+  shardings = state_shardings(mesh, abstract_state, logical, tx, zero1)
+  state = jax.jit(init, out_shardings=shardings)()
+  return graphdef, logical, state, shardings
+
+
+def bytes_per_device(tree, shardings) -> int:
+  """Bytes one device holds for a sharded pytree (shards are equal-sized here)."""
+  total = 0
+  for x, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    total += np.prod(sharding.shard_shape(x.shape), dtype=np.int64) * np.dtype(x.dtype).itemsize
+  return int(total)

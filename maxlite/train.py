@@ -1,0 +1,234 @@
+"""Entry point and THE train loop, readable top to bottom.
+
+    python -m maxlite.train --config=configs/tiny.py [--config.optim.lr=1e-3 ...]
+"""
+import functools
+import pathlib
+import shutil
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from clu import parameter_overview
+from ml_collections import config_flags
+
+from maxlite import config as config_lib
+from maxlite import mesh as mesh_lib
+from maxlite import metrics as metrics_lib
+from maxlite import optim, state as state_lib, step as step_lib
+from maxlite.checkpoint import Checkpointer
+from maxlite.data import embedded
+from maxlite.data.tokenizers import ByteTokenizer
+from maxlite.model.llama import LlamaConfig
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (non-finite loss, an existing run_dir); printed as one line."""
+
+
+def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, checkpointer_exists: bool):
+  """Resume what is there, or move it aside when asked; never overwrite it."""
+  if not run_dir.exists() or not any(run_dir.iterdir()):
+    return
+  if fresh_start:
+    aside = run_dir.with_name(f'{run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      shutil.move(run_dir, aside)
+    print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
+  elif not checkpointer_exists:
+    raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
+                        'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
+
+
+def place_batch(batch: dict, sharding) -> dict:
+  """Host numpy rows -> global arrays already laid out as the step wants them."""
+  rows = next(iter(batch.values())).shape[0]
+  per_process = rows // jax.process_count()
+  lo = jax.process_index() * per_process
+  return {name: jax.make_array_from_process_local_data(sharding, x[lo:lo + per_process], x.shape)
+          for name, x in batch.items()}
+
+
+def train(config) -> list[dict]:
+  """Runs (or resumes) the configured training; returns the logged metrics."""
+  # -- platform --------------------------------------------------------------
+  if config.platform:
+    jax.config.update('jax_platforms', config.platform)
+  if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
+    jax.config.update('jax_enable_x64', True)
+  mesh_sizes = config_lib.validate(config, jax.device_count())
+  model_cfg = LlamaConfig.from_config(config.model)
+  train_cfg = config.train
+  seq_len = config.data.seq_len
+  global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
+
+  # -- run directory -----------------------------------------------------------
+  run_dir = pathlib.Path(train_cfg.run_dir)
+  has_checkpoint = (run_dir / 'checkpoints').is_dir() and any((run_dir / 'checkpoints').iterdir())
+  prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint and not train_cfg.fresh_start)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
+  if jax.process_index() == 0:
+    (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+  # -- mesh ----------------------------------------------------------------------
+  mesh = mesh_lib.make_mesh(mesh_sizes)
+  device_kind = jax.devices()[0].device_kind
+  writer.info(f'mesh: {dict(mesh.shape)} over {jax.device_count()} x {device_kind} '
+              f'in {jax.process_count()} process(es)')
+
+  # -- data ----------------------------------------------------------------------
+  tokenizer = ByteTokenizer()
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise config_lib.ConfigError(f'model.vocab_size={model_cfg.vocab_size} is smaller than the '
+                                 f'byte tokenizer vocabulary {tokenizer.vocab_size}')
+  tokens = embedded.load_tokens(config.data.embedded_max_bytes, tokenizer)
+  train_tokens, val_tokens = embedded.split_tokens(tokens, config.data.val_fraction, seq_len)
+  sampler = embedded.WindowSampler(train_tokens, seq_len, global_batch, config.seed, tokenizer.bos_id)
+  val_batches = embedded.eval_batches(val_tokens, seq_len, train_cfg.micro_batch_size,
+                                      train_cfg.eval_steps, tokenizer.bos_id)
+  writer.info(f'data: embedded stdlib corpus, {len(train_tokens):,} train / '
+              f'{len(val_tokens):,} val tokens, batch {global_batch} x {seq_len}')
+  batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (global_batch, seq_len))
+
+  # -- state -----------------------------------------------------------------------
+  _, _, logical = state_lib.abstract_model(model_cfg)
+  tx = optim.make_optimizer(config.optim, train_cfg.steps, logical)
+  with jax.set_mesh(mesh):
+    graphdef, logical, state, shardings = state_lib.create_train_state(
+        model_cfg, tx, mesh, config.seed, config.parallel.zero1)
+  writer.info(parameter_overview.get_parameter_overview(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
+      include_stats=False))
+  param_bytes = state_lib.bytes_per_device(state.params, shardings.params)
+  opt_bytes = state_lib.bytes_per_device(state.opt_state, shardings.opt_state)
+  writer.info(f'per-device memory: params {param_bytes / 2**20:.1f} MiB, '
+              f'optimizer state {opt_bytes / 2**20:.1f} MiB')
+
+  # -- step --------------------------------------------------------------------------
+  settings = step_lib.StepSettings(compute_dtype=config.model.compute_dtype,
+                                   grad_accum_steps=train_cfg.grad_accum_steps,
+                                   z_loss_weight=config.model.z_loss_weight)
+  schedule = optim.learning_rate_schedule(config.optim, train_cfg.steps)
+  batch_shardings = {name: batch_sharding for name in sampler.batch(0)}
+  train_step = jax.jit(
+      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                        settings=settings),
+      in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None), donate_argnums=0)
+  eval_step = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, settings=settings),
+                      in_shardings=(shardings.params, batch_shardings))
+
+  # -- checkpoint ------------------------------------------------------------------
+  checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep)
+  start = checkpointer.latest_step()
+  if start is not None:
+    state = checkpointer.restore(start, state, shardings)
+    writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
+  start = start or 0
+  if start >= train_cfg.steps:
+    writer.info(f'{run_dir} is already complete at step {start} of {train_cfg.steps}; pass '
+                '--config.train.fresh_start=True or another --config.train.run_dir to train again')
+    checkpointer.close()
+    return []
+
+  # -- ahead-of-time compile -------------------------------------------------------
+  with jax.set_mesh(mesh):
+    t0 = time.perf_counter()
+    compiled = train_step.lower(state, place_batch(sampler.batch(start), batch_sharding)).compile()
+  memory = compiled.memory_analysis()
+  temp = f', temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB' if memory else ''
+  writer.info(f'compiled the train step in {time.perf_counter() - t0:.1f}s{temp}')
+
+  flops_per_token = config_lib.flops_per_token(config.model, seq_len)
+  peak = metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
+  tokens_per_step = global_batch * seq_len
+  history, pending = [], []
+  config_json = config.to_json_best_effort()
+
+  def flush(step: int):
+    """Fetches the metrics of the steps since the last flush: the only host sync."""
+    fetched = jax.device_get(pending)
+    seconds = time.perf_counter() - interval_start
+    first = step - len(fetched) + 1
+    for offset, m in enumerate(fetched):
+      if not np.isfinite(m['loss']):
+        raise TrainingError(f'loss is {m["loss"]} at step {first + offset}; stopping '
+                            '(lower optim.lr or raise optim.warmup_steps)')
+    pending.clear()
+    last = {k: float(v) for k, v in fetched[-1].items()}
+    tokens_per_second = tokens_per_step * len(fetched) / seconds
+    record = {'loss': last['loss'], 'grad_norm': last['grad_norm'], 'lr': last['lr'],
+              'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched)}
+    line = (f'step {step:>6}/{train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
+            f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
+            f'{1e3 * record["step_time"]:.1f} ms/step')
+    utilisation = metrics_lib.mfu(flops_per_token, tokens_per_second, jax.device_count(), peak)
+    if utilisation is not None:
+      record['mfu'] = utilisation
+      line += f'  MFU {100 * utilisation:.1f}%'
+    writer.write(step, record, line)
+    history.append({'step': step, **record})
+
+  def evaluate(step: int):
+    sums = [eval_step(state.params, place_batch(b, batch_sharding)) for b in val_batches]
+    ce, count = np.sum(jax.device_get(sums), axis=0)
+    val_loss = float(ce / max(count, 1))
+    writer.write(step, {'val_loss': val_loss}, f'step {step:>6}/{train_cfg.steps}  val_loss {val_loss:.4f}')
+    history.append({'step': step, 'val_loss': val_loss})
+
+  # -- loop --------------------------------------------------------------------------
+  interval_start = time.perf_counter()
+  try:
+    for step in range(start + 1, train_cfg.steps + 1):
+      batch = place_batch(sampler.batch(step - 1), batch_sharding)
+      with jax.transfer_guard(train_cfg.transfer_guard):
+        state, step_metrics = compiled(state, batch)
+      pending.append(step_metrics)
+      is_last = step == train_cfg.steps
+      saving = checkpointer.should_save(step, train_cfg.steps)
+      flushing = saving or is_last or step % train_cfg.log_interval == 0
+      if flushing:
+        flush(step)  # before any save: never save a non-finite state
+      if train_cfg.eval_steps and (is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)):
+        evaluate(step)
+      if saving:
+        checkpointer.save(step, state, config_json)
+      if flushing:
+        interval_start = time.perf_counter()  # eval and save time are not step time
+  finally:
+    checkpointer.close()
+    writer.close()
+  return history
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None:
+    raise app.UsageError('--config=configs/<experiment>.py is required')
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+  try:
+    train(_CONFIG.value)
+  except (config_lib.ConfigError, TrainingError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_flags(argv):
+  """absl flag parsing, but a bad --config or override is one line, not a traceback."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # config files load lazily: fail here, not mid-run
+    return argv
+  except Exception as error:  # config_flags raises whatever loading or overriding raised
+    message = ' '.join(str(error).split())
+    print(f'error: bad --config or override: {type(error).__name__}: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,191 @@
+"""maxlite.config: every validation check fails with one line naming its fields and
+numbers, the shipped configs validate, and the config surface changes only on purpose."""
+import functools
+import os
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from configs import base, llama_109m, tiny
+from maxlite.config import ConfigError, mesh_shape, validate
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m}
+
+# The snapshot of every knob; adding or removing one must be a deliberate edit here.
+BASE_KEYS = [
+    'checkpoint.interval', 'checkpoint.max_to_keep',
+    'data.embedded_max_bytes', 'data.seq_len', 'data.source', 'data.val_fraction',
+    'logging.peak_flops_per_device', 'logging.tensorboard',
+    'model.attention', 'model.compute_dtype', 'model.head_dim', 'model.hidden_size',
+    'model.init_std', 'model.intermediate_size', 'model.max_seq_len', 'model.norm_eps',
+    'model.num_heads', 'model.num_kv_heads', 'model.num_layers', 'model.param_dtype',
+    'model.remat', 'model.rope_theta', 'model.scan_layers', 'model.tie_embeddings',
+    'model.vocab_size', 'model.z_loss_weight',
+    'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
+    'optim.grad_clip', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
+    'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.tensor', 'parallel.zero1',
+    'platform', 'seed',
+    'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
+    'train.log_interval', 'train.micro_batch_size', 'train.run_dir', 'train.steps',
+    'train.transfer_guard',
+]
+
+
+def flat_keys(config, prefix=''):
+  keys = []
+  for name, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      keys += flat_keys(value, f'{prefix}{name}.')
+    else:
+      keys.append(prefix + name)
+  return sorted(keys)
+
+
+def base_with(overrides: dict) -> ml_collections.ConfigDict:
+  # Through a plain dict: that unties data.seq_len from model.max_seq_len (one
+  # FieldReference), so a test can break one without moving the other.
+  config = ml_collections.ConfigDict(base.get_config().to_dict())
+  for dotted, value in overrides.items():
+    *parents, name = dotted.split('.')
+    setattr(functools.reduce(getattr, parents, config), name, value)
+  return config
+
+
+# (overrides of configs/base.py, device count, regex the one-line error must match)
+BROKEN = [
+    *[({f'model.{f}': 0}, 8, rf'model\.{f}=0 must be >= 1') for f in (
+        'vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads',
+        'intermediate_size', 'max_seq_len')],
+    ({'model.num_kv_heads': 3}, 8, r'model\.num_heads=4 is not divisible by model\.num_kv_heads=3'),
+    ({'model.hidden_size': 130}, 8, r'model\.hidden_size=130 is not divisible by model\.num_heads=4'),
+    ({'model.head_dim': 15}, 8, r'head dim 15 must be even'),
+    ({'model.param_dtype': 'float16'}, 8, r"model\.param_dtype='float16' is not one of"),
+    ({'model.compute_dtype': 'fp8'}, 8, r"model\.compute_dtype='fp8' is not one of"),
+    ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls'\)"),
+    ({'model.attention': 'flash'}, 8, r"model\.attention='flash' is not one of \('xla',\)"),
+    *[({f'model.{f}': 0.0}, 8, r'model\.norm_eps, model\.init_std and model\.rope_theta must be > 0')
+      for f in ('norm_eps', 'init_std', 'rope_theta')],
+    ({'data.seq_len': 256}, 8, r'data\.seq_len=256 must be in \[1, model\.max_seq_len=128\]'),
+    ({'data.seq_len': 0}, 8, r'data\.seq_len=0 must be in \[1, model\.max_seq_len=128\]'),
+    ({'train.steps': 0}, 8, r'train\.steps=0 must be >= 1'),
+    ({'train.micro_batch_size': 0}, 8, r'train\.micro_batch_size=0 must be >= 1'),
+    ({'train.grad_accum_steps': 0}, 8, r'train\.grad_accum_steps=0 must be >= 1'),
+    ({'train.eval_interval': -1}, 8, r'train\.eval_interval=-1 must be >= 0'),
+    ({'train.eval_steps': -1}, 8, r'train\.eval_steps=-1 must be >= 0'),
+    ({'train.log_interval': 0}, 8, r'train\.log_interval=0 must be >= 1'),
+    ({'train.run_dir': ''}, 8, r'train\.run_dir must be set'),
+    ({'checkpoint.interval': -1}, 8, r'checkpoint\.interval=-1 must be >= 0'),
+    ({'optim.lr': 0.0}, 8, r'optim\.lr=0\.0 must be > 0'),
+    ({'optim.lr': -0.1}, 8, r'optim\.lr=-0\.1 must be > 0'),
+    ({'optim.min_lr': 0.01}, 8, r'optim\.min_lr=0\.01 must be in \[0, optim\.lr=0\.003\]'),
+    ({'optim.min_lr': -0.1}, 8, r'optim\.min_lr=-0\.1 must be in \[0, optim\.lr=0\.003\]'),
+    ({'optim.warmup_steps': 200}, 8, r'optim\.warmup_steps=200 must be in \[0, train\.steps=200\)'),
+    ({'optim.warmup_steps': -1}, 8, r'optim\.warmup_steps=-1 must be in \[0, train\.steps=200\)'),
+    ({'optim.decay': 'exp'}, 8, r"optim\.decay='exp' is not one of \('cosine', 'linear', 'constant', 'wsd'\)"),
+    ({'optim.decay': 'wsd', 'optim.anneal_start_step': 10}, 8,
+     r'optim\.anneal_start_step=10 must be in \[optim\.warmup_steps=20, train\.steps=200\) for wsd'),
+    ({'optim.decay': 'wsd', 'optim.anneal_start_step': 200}, 8,
+     r'optim\.anneal_start_step=200 must be in \[optim\.warmup_steps=20, train\.steps=200\) for wsd'),
+    ({'optim.weight_decay': -0.1}, 8, r'optim\.weight_decay=-0\.1 must be >= 0'),
+    ({'optim.b1': 1.0}, 8, r'optim\.b1=1\.0 and optim\.b2=0\.95 must be in \[0, 1\)'),
+    ({'optim.b2': -0.5}, 8, r'optim\.b1=0\.9 and optim\.b2=-0\.5 must be in \[0, 1\)'),
+    ({'optim.eps': 0.0}, 8, r'optim\.eps=0\.0 must be > 0'),
+    ({'optim.grad_clip': -1.0}, 8, r'optim\.grad_clip=-1\.0 must be >= 0'),
+    # mesh_shape
+    ({'parallel.data': -1, 'parallel.tensor': -1}, 8, r"only one axis may be -1, got \['data', 'tensor'\]"),
+    ({'parallel.fsdp': 0}, 8, r'parallel\.fsdp=0 must be >= 1 or -1'),
+    ({'parallel.tensor': -2}, 8, r'parallel\.tensor=-2 must be >= 1 or -1'),
+    ({'parallel.fsdp': 3}, 8, r'8 devices are not divisible by the fixed axes product 3 '
+                              r'\(data=-1, fsdp=3, tensor=1, pipeline=1\)'),
+    ({'parallel.data': 2, 'parallel.fsdp': 3}, 8, r'data\*fsdp\*tensor\*pipeline = 6 '
+                                                  r'\(data=2, fsdp=3, tensor=1, pipeline=1\) but there are 8 devices'),
+    ({'parallel.data': 2}, 1, r'data\*fsdp\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
+    # checks on the resolved mesh
+    ({'parallel.pipeline': 2}, 8, r'parallel\.pipeline=2: pipeline parallelism is not supported'),
+    ({'parallel.tensor': 8}, 8, r'parallel\.tensor=8 does not divide model\.num_heads=4'),
+    ({'parallel.tensor': 4, 'model.num_heads': 8, 'model.num_kv_heads': 2}, 8,
+     r'parallel\.tensor=4 does not divide model\.num_kv_heads=2'),
+    ({'parallel.tensor': 2, 'model.intermediate_size': 385}, 8,
+     r'parallel\.tensor=2 does not divide model\.intermediate_size=385'),
+    ({'train.micro_batch_size': 12, 'train.grad_accum_steps': 2}, 8,
+     r'train\.micro_batch_size=12 \(global batch 24\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
+    ({'train.micro_batch_size': 6, 'parallel.fsdp': 4}, 8,
+     r'train\.micro_batch_size=6 \(global batch 6\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
+]
+
+
+@pytest.mark.parametrize('overrides, num_devices, message', BROKEN,
+                         ids=[','.join(o) + f'@{n}' for o, n, _ in BROKEN])
+def test_broken_field_fails_with_one_line(overrides, num_devices, message):
+  config = base_with(overrides)
+  with pytest.raises(ConfigError, match=message) as error:
+    validate(config, num_devices)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model.head_dim': 64, 'model.hidden_size': 130},  # explicit head_dim frees hidden_size
+    {'optim.decay': 'wsd', 'optim.anneal_start_step': 20},  # anneal right after warmup
+    {'optim.min_lr': 3e-3, 'optim.warmup_steps': 0},
+    {'train.eval_interval': 0, 'train.eval_steps': 0, 'checkpoint.interval': 0, 'optim.grad_clip': 0.0},
+    {'model.num_heads': 8, 'model.num_kv_heads': 1, 'parallel.tensor': 1},  # multi-query
+], ids=str)
+def test_edges_that_are_allowed(overrides):
+  validate(base_with(overrides), 8)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_shipped_configs_validate(name, num_devices):
+  sizes = validate(CONFIGS[name].get_config(), num_devices)
+  assert sizes == {'data': num_devices, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}
+
+
+@pytest.mark.parametrize('parallel, num_devices, expected', [
+    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),
+    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1)),
+    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),  # no -1 at all
+])
+def test_mesh_shape_resolves_the_free_axis(parallel, num_devices, expected):
+  config = base_with({f'parallel.{axis}': size for axis, size in parallel.items()})
+  assert tuple(mesh_shape(config.parallel, num_devices).values()) == expected
+
+
+def test_config_surface_is_snapshotted():
+  assert flat_keys(base.get_config()) == BASE_KEYS
+
+
+@pytest.mark.parametrize('name', ['tiny', 'llama_109m'])
+def test_variants_only_change_values(name):
+  assert flat_keys(CONFIGS[name].get_config()) == flat_keys(base.get_config())
+
+
+def run_train(*flags, run_dir):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)  # exactly one CPU device, whatever the caller forces
+  return subprocess.run(
+      [sys.executable, '-m', 'maxlite.train', '--config=configs/tiny.py',
+       f'--config.train.run_dir={run_dir}', *flags],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_unknown_override_is_rejected(tmp_path):
+  result = run_train('--config.model.not_a_field=1', run_dir=tmp_path / 'run')
+  assert result.returncode != 0
+  assert 'not_a_field' in result.stderr
+
+
+def test_bad_value_is_one_error_line(tmp_path):
+  result = run_train('--config.parallel.tensor=3', run_dir=tmp_path / 'run')
+  assert result.returncode == 1, result.stderr
+  assert 'Traceback' not in result.stderr
+  last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+  # On one device tensor=3 cannot be resolved against data=-1: mesh_shape's message.
+  assert last.startswith('error: parallel')
+  assert 'tensor=3' in last
+  assert not (tmp_path / 'run').exists()  # validation runs before anything is written

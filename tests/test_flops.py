@@ -1,0 +1,48 @@
+"""The FLOP count behind MFU agrees with XLA's cost analysis of the compiled step."""
+import functools
+
+import jax
+import numpy as np
+
+from configs import base
+from maxlite import config as config_lib, mesh as mesh_lib, metrics, optim, state as state_lib, step as step_lib
+from maxlite.model.llama import LlamaConfig
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+  config = base.get_config()
+  model = config.model
+  model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads = 256, 2, 4, 2
+  model.intermediate_size, model.max_seq_len = 768, 256
+  model.scan_layers = False  # XLA's cost analysis counts a while-loop body once
+  model.remat = 'none'
+  batch = 4
+  mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}, jax.devices()[:1])
+  model_cfg = LlamaConfig.from_config(model)
+  _, _, logical = state_lib.abstract_model(model_cfg)
+  tx = optim.make_optimizer(config.optim, 10, logical)
+  with jax.set_mesh(mesh):
+    graphdef, _, state, _ = state_lib.create_train_state(model_cfg, tx, mesh, 0, False)
+    tokens = np.zeros((batch, model.max_seq_len), np.int32)
+    batch_arrays = {'inputs': tokens, 'targets': tokens, 'segment_ids': tokens + 1,
+                    'positions': np.broadcast_to(np.arange(model.max_seq_len), tokens.shape),
+                    'loss_mask': tokens + 1}
+    compiled = jax.jit(functools.partial(
+        step_lib.train_step, graphdef=graphdef, tx=tx,
+        schedule=optim.learning_rate_schedule(config.optim, 10),
+        settings=step_lib.StepSettings())).lower(state, batch_arrays).compile()
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  xla_flops = analysis['flops']
+  ours = config_lib.flops_per_token(model, model.max_seq_len) * batch * model.max_seq_len
+  print(f"maxlite {ours:.4g} vs XLA {xla_flops:.4g} FLOPs: ratio {ours / xla_flops:.3f}")
+  assert abs(ours - xla_flops) / xla_flops < 0.15, (ours, xla_flops)
+
+
+def test_mfu_uses_the_peak_table_and_override():
+  assert metrics.peak_flops_per_device('NVIDIA H100 80GB HBM3') == 989e12
+  assert metrics.peak_flops_per_device('NVIDIA H100 PCIe') == 756e12
+  assert metrics.peak_flops_per_device('cpu') is None
+  assert metrics.peak_flops_per_device('cpu', override=1e12) == 1e12
+  assert metrics.mfu(1e9, 1e3, 2, 1e12) == 0.5
+  assert metrics.mfu(1e9, 1e3, 2, None) is None

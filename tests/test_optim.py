@@ -1,0 +1,116 @@
+"""maxlite.optim against plain-Python formulas: schedules, the decay mask, AdamW's decay."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from configs import base
+from maxlite import optim, state
+from maxlite.model.llama import LlamaConfig
+
+TOTAL = 100
+
+
+def optim_config(**changes):
+  config = base.get_config().optim
+  config.update(lr=3e-3, min_lr=3e-4, warmup_steps=10, anneal_start_step=60)
+  config.update(changes)
+  return config
+
+
+def reference_lr(cfg, total: int, step: int) -> float:
+  """The schedule as documented, written independently of optax."""
+  lr, min_lr, warmup = cfg.lr, cfg.min_lr, cfg.warmup_steps
+  if step < warmup:
+    return lr * min(1.0, (step + 1) / warmup)
+  t, span = step - warmup, total - warmup
+  if cfg.decay == 'cosine':
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, span) / span))
+  if cfg.decay == 'linear':
+    return lr + (min_lr - lr) * min(t / span, 1.0)
+  if cfg.decay == 'constant':
+    return lr
+  if cfg.decay == 'wsd':
+    anneal = cfg.anneal_start_step
+    if step < anneal:
+      return lr
+    return lr + (min_lr - lr) * min((step - anneal) / (total - anneal), 1.0)
+  raise AssertionError(cfg.decay)
+
+
+@pytest.mark.parametrize('warmup', [10, 1, 0])
+@pytest.mark.parametrize('decay', ['cosine', 'linear', 'constant', 'wsd'])
+def test_schedule_matches_formula(decay, warmup):
+  cfg = optim_config(decay=decay, warmup_steps=warmup)
+  schedule = optim.learning_rate_schedule(cfg, TOTAL)
+  steps = range(TOTAL + 5)  # a few past the end: the schedule must hold there
+  # float64 so that 1e-6 compares formulas, not float32 rounding near min_lr.
+  with jax.enable_x64(True):
+    got = np.asarray(schedule(jnp.arange(len(steps), dtype=jnp.int64))).tolist()
+  want = [reference_lr(cfg, TOTAL, step) for step in steps]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert got[0] > 0  # warmup's first step already trains
+  if warmup:
+    assert got[0] == pytest.approx(cfg.lr / warmup, rel=1e-6)
+    assert got[warmup - 1] == pytest.approx(cfg.lr, rel=1e-6)
+  end = cfg.lr if decay == 'constant' else cfg.min_lr
+  assert got[TOTAL] == pytest.approx(end, rel=1e-6)
+
+
+def test_schedule_float32_is_close():
+  """The default (no x64) path the train step actually runs."""
+  cfg = optim_config(decay='cosine')
+  schedule = optim.learning_rate_schedule(cfg, TOTAL)
+  got = np.asarray(schedule(jnp.arange(TOTAL + 1)))
+  want = [reference_lr(cfg, TOTAL, step) for step in range(TOTAL + 1)]
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_wsd_holds_then_anneals():
+  cfg = optim_config(decay='wsd', anneal_start_step=60)
+  schedule = optim.learning_rate_schedule(cfg, TOTAL)
+  assert float(schedule(10)) == float(schedule(60)) == pytest.approx(cfg.lr)
+  assert float(schedule(61)) < cfg.lr
+  assert float(schedule(80)) == pytest.approx((cfg.lr + cfg.min_lr) / 2, rel=1e-6)
+
+
+def leaves_by_path(tree):
+  return {jax.tree_util.keystr(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize('tie_embeddings', [True, False])
+def test_decay_mask_skips_norms_only(tie_embeddings):
+  model = base.get_config().model
+  model.tie_embeddings = tie_embeddings
+  _, shapes, logical = state.abstract_model(LlamaConfig.from_config(model))
+  mask = optim.decay_mask(logical)
+  assert jax.tree.structure(mask) == jax.tree.structure(shapes)
+  flat = leaves_by_path(mask)
+  norms = [path for path in flat if 'norm' in path]
+  assert len(norms) == 3  # attention_norm, mlp_norm (stacked) and final_norm
+  for path, decayed in flat.items():
+    if 'norm' in path:
+      assert decayed is False, path
+    else:
+      assert path.endswith(("['kernel']", "['table']")), path
+      assert decayed is True, path
+  assert ("['lm_head']['kernel']" in flat) != tie_embeddings
+
+
+def test_weight_decay_shrinks_kernels_not_norm_scales():
+  cfg = optim_config(weight_decay=0.1)
+  params = {'final_norm': {'scale': jnp.full((4,), 1.5)},
+            'mlp': {'kernel': jnp.full((4, 3), 2.0)}}
+  logical = {'final_norm': {'scale': P('norm')}, 'mlp': {'kernel': P('embed', 'mlp')}}
+  tx = optim.make_optimizer(cfg, TOTAL, logical)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  # Zero gradients make Adam's own update exactly 0, leaving only decoupled decay.
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)  # one compile, not one per op
+  new = jax.tree.map(lambda p, u: p + u, params, updates)
+  lr0 = cfg.lr / cfg.warmup_steps  # the first warmup step
+  np.testing.assert_array_equal(new['final_norm']['scale'], params['final_norm']['scale'])
+  np.testing.assert_allclose(new['mlp']['kernel'], 2.0 - lr0 * cfg.weight_decay * 2.0, rtol=1e-6)

@@ -1,0 +1,57 @@
+"""End-to-end runs of configs/tiny.py through maxlite.train.train on 8 fake devices."""
+import json
+import math
+
+import pytest
+
+from configs import tiny
+from maxlite.train import TrainingError, train
+
+
+def tiny_config(run_dir, **train_overrides):
+  config = tiny.get_config()
+  config.train.run_dir = str(run_dir)
+  config.train.update(train_overrides)
+  config.optim.warmup_steps = 1
+  return config
+
+
+def test_tiny_loss_falls_and_a_finished_run_is_left_alone(tmp_path):
+  run_dir = tmp_path / 'run'
+  config = tiny_config(run_dir, steps=60, log_interval=5, eval_interval=0, eval_steps=2)
+  history = train(config)
+  losses = [h['loss'] for h in history if 'loss' in h]
+  assert losses[0] - losses[-1] > 1.0, losses
+  val_losses = [h['val_loss'] for h in history if 'val_loss' in h]
+  assert len(val_losses) == 1 and val_losses[0] < math.log(264) - 1.5, val_losses
+  records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records if 'loss' in r] == list(range(5, 61, 5))
+  assert all(r['tokens_per_second'] > 0 for r in records if 'loss' in r)
+  assert (run_dir / 'checkpoints' / '60').is_dir()
+
+  # A second start finds the final checkpoint and does nothing to the run.
+  before = sorted(p.relative_to(run_dir) for p in run_dir.rglob('*'))
+  assert train(config) == []
+  assert sorted(p.relative_to(run_dir) for p in run_dir.rglob('*')) == before
+
+
+def test_existing_run_dir_is_never_overwritten(tmp_path):
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  (run_dir / 'notes.txt').write_text('mine')
+  with pytest.raises(TrainingError, match='fresh_start'):
+    train(tiny_config(run_dir, steps=2, eval_steps=0))
+  assert (run_dir / 'notes.txt').read_text() == 'mine'
+
+  train(tiny_config(run_dir, steps=2, eval_steps=0, fresh_start=True))
+  moved = [p for p in tmp_path.iterdir() if p.name.startswith('run.old-')]
+  assert len(moved) == 1 and (moved[0] / 'notes.txt').read_text() == 'mine'
+  assert (run_dir / 'checkpoints' / '2').is_dir()
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
+  config = tiny_config(tmp_path / 'run', steps=6, log_interval=3, eval_steps=0)
+  config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e30, 0, 0.0
+  with pytest.raises(TrainingError, match=r'loss is (nan|inf) at step [23]\b'):
+    train(config)
+  assert not (tmp_path / 'run' / 'checkpoints' / '3').exists()
