@@ -18,12 +18,15 @@ def tiny_config(run_dir, **train_overrides):
 
 def test_tiny_loss_falls_and_a_finished_run_is_left_alone(tmp_path):
   run_dir = tmp_path / 'run'
-  config = tiny_config(run_dir, steps=60, log_interval=5, eval_interval=0, eval_steps=2)
+  config = tiny_config(run_dir, steps=60, log_interval=5, eval_interval=0, eval_steps=2,
+                       micro_batch_size=16)
   history = train(config)
   losses = [h['loss'] for h in history if 'loss' in h]
-  assert losses[0] - losses[-1] > 1.0, losses
+  # Single steps are noisy: compare the first two logged losses with the last three.
+  assert sum(losses[:2]) / 2 - sum(losses[-3:]) / 3 > 0.7, losses
   val_losses = [h['val_loss'] for h in history if 'val_loss' in h]
-  assert len(val_losses) == 1 and val_losses[0] < math.log(264) - 1.5, val_losses
+  # ln(264) = 5.58 is the loss of a uniform guess.
+  assert len(val_losses) == 1 and val_losses[0] < math.log(264) - 2.0, val_losses
   records = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records if 'loss' in r] == list(range(5, 61, 5))
   assert all(r['tokens_per_second'] > 0 for r in records if 'loss' in r)
