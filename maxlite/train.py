@@ -30,7 +30,7 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, an existing run_dir); printed as one line."""
 
 
-def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, checkpointer_exists: bool):
+def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, has_checkpoint: bool):
   """Resume what is there, or move it aside when asked; never overwrite it."""
   if not run_dir.exists() or not any(run_dir.iterdir()):
     return
@@ -39,7 +39,7 @@ def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, checkpointer_exist
     if jax.process_index() == 0:
       shutil.move(run_dir, aside)
     print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
-  elif not checkpointer_exists:
+  elif not has_checkpoint:
     raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
                         'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
 
@@ -69,7 +69,7 @@ def train(config) -> list[dict]:
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
   has_checkpoint = (run_dir / 'checkpoints').is_dir() and any((run_dir / 'checkpoints').iterdir())
-  prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint and not train_cfg.fresh_start)
+  prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint)
   run_dir.mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
   if jax.process_index() == 0:
