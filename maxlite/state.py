@@ -1,4 +1,6 @@
 """The train state, born sharded: shapes from eval_shape, values from a jit with out_shardings."""
+import functools
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ def _nested(flat_items):
   return tree
 
 
+@functools.cache  # traced once per model config: train.py and create_train_state both ask
 def abstract_model(cfg: LlamaConfig):
   """(graphdef, params as ShapeDtypeStructs, logical axis names), all nested dicts."""
   model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
