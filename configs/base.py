@@ -32,10 +32,22 @@ def get_config() -> ml_collections.ConfigDict:
   model.z_loss_weight = 0.0
 
   data = config.data = ml_collections.ConfigDict()
-  data.source = 'embedded'  # the Python standard library's own source, byte-level
+  # 'embedded': the Python standard library's source, prepared on first use;
+  # or a folder written by `python -m data_prep prepare`; or a mixture
+  # 'folder:weight,folder:weight' (weights are shares of training tokens).
+  data.source = 'embedded'
+  data.mixing = 'weighted'  # weighted | proportional (all sources end their epoch together)
   data.seq_len = config.model.get_ref('max_seq_len')
+  data.packing = 'concat'  # concat (documents run on into the next row) | first_fit (padded)
+  data.bos_aligned = False  # concat only: a document cut at a row start restarts with BOS
+  data.shuffle = True  # global shuffle of documents, reshuffled every epoch
+  data.row_shuffle_window = 1024  # packed rows shuffled within windows of this many; 0: off
+  data.worker_count = 0  # Grain worker processes that pack batches; 0: a thread of the trainer
+  data.worker_buffer_size = 2  # batches each worker (or the thread) keeps ready
+  data.read_threads = 4  # threads reading documents from the shards
+  data.cache_dir = ''  # embedded corpus cache; '': $XDG_CACHE_HOME/maxlite or ~/.cache/maxlite
   data.embedded_max_bytes = 8_000_000  # cap on corpus size read from the stdlib
-  data.val_fraction = 0.02
+  data.val_fraction = 0.02  # embedded only: prepared datasets carry their own validation split
 
   train = config.train = ml_collections.ConfigDict()
   train.run_dir = 'runs/base'

@@ -12,6 +12,8 @@ DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
 REMAT_POLICIES = ('none', 'full', 'save_matmuls')
 ATTENTION_BACKENDS = ('xla',)
+PACKINGS = ('concat', 'first_fit')
+MIXINGS = ('weighted', 'proportional')
 
 
 class ConfigError(ValueError):
@@ -74,6 +76,17 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
            'model.norm_eps, model.init_std and model.rope_theta must be > 0')
   _require(0 < config.data.seq_len <= model.max_seq_len,
            f'data.seq_len={config.data.seq_len} must be in [1, model.max_seq_len={model.max_seq_len}]')
+
+  data = config.data
+  _require(bool(data.source), "data.source must be 'embedded' or a prepared dataset folder")
+  _require(data.packing in PACKINGS, f'data.packing={data.packing!r} is not one of {PACKINGS}')
+  _require(data.mixing in MIXINGS, f'data.mixing={data.mixing!r} is not one of {MIXINGS}')
+  _require(not data.bos_aligned or data.packing == 'concat',
+           "data.bos_aligned=True needs data.packing='concat' (first_fit never cuts a row start)")
+  for field, least in (('worker_count', 0), ('worker_buffer_size', 1), ('read_threads', 1),
+                       ('row_shuffle_window', 0)):
+    _require(data[field] >= least, f'data.{field}={data[field]} must be >= {least}')
+  _require(0 < data.val_fraction < 1, f'data.val_fraction={data.val_fraction} must be in (0, 1)')
 
   _require(train.steps >= 1, f'train.steps={train.steps} must be >= 1')
   _require(train.micro_batch_size >= 1, f'train.micro_batch_size={train.micro_batch_size} must be >= 1')

@@ -2,6 +2,7 @@
 
     python -m maxlite.train --config=configs/tiny.py [--config.optim.lr=1e-3 ...]
 """
+import dataclasses
 import functools
 import pathlib
 import shutil
@@ -11,6 +12,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from clu import parameter_overview
 from ml_collections import config_flags
 
@@ -19,8 +21,7 @@ from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
 from maxlite import optim, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
-from maxlite.data import embedded
-from maxlite.data.tokenizers import ByteTokenizer
+from maxlite.data import embedded, pipeline
 from maxlite.model.llama import LlamaConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -44,13 +45,39 @@ def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, has_checkpoint: bo
                         'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
 
 
-def place_batch(batch: dict, sharding) -> dict:
-  """Host numpy rows -> global arrays already laid out as the step wants them."""
-  rows = next(iter(batch.values())).shape[0]
-  per_process = rows // jax.process_count()
-  lo = jax.process_index() * per_process
-  return {name: jax.make_array_from_process_local_data(sharding, x[lo:lo + per_process], x.shape)
-          for name, x in batch.items()}
+def place_batch(local_rows: dict, sharding) -> dict:
+  """This process's rows of a batch -> global arrays laid out as the step wants them."""
+  return {name: jax.make_array_from_process_local_data(
+      sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:])) for name, x in local_rows.items()}
+
+
+def own_rows(global_batch: dict) -> dict:
+  """This process's share of a batch that every process holds whole."""
+  rows = next(iter(global_batch.values())).shape[0] // jax.process_count()
+  lo = jax.process_index() * rows
+  return {name: x[lo:lo + rows] for name, x in global_batch.items()}
+
+
+def global_counts(local: np.ndarray) -> np.ndarray:
+  """Sums per-process counters over all processes (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return local
+  return multihost_utils.process_allgather(local).sum(axis=0)
+
+
+def open_data(data, model_vocab_size: int):
+  """The configured datasets and their tokenizer, checked against the model."""
+  if data.source == 'embedded':
+    folder = embedded.prepare(data.cache_dir, data.embedded_max_bytes, data.val_fraction)
+    entries = [(str(folder), None)]
+  else:
+    entries = pipeline.parse_sources(data.source)
+  datasets, tokenizer = pipeline.open_datasets(entries)
+  if tokenizer.vocab_size > model_vocab_size:
+    raise config_lib.ConfigError(
+        f'model.vocab_size={model_vocab_size} is smaller than the vocabulary ({tokenizer.vocab_size}) '
+        f'of the {tokenizer.kind} tokenizer of {datasets[0].folder}')
+  return datasets, tokenizer
 
 
 def train(config) -> list[dict]:
@@ -65,6 +92,11 @@ def train(config) -> list[dict]:
   train_cfg = config.train
   seq_len = config.data.seq_len
   global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
+  if global_batch % jax.process_count():
+    raise config_lib.ConfigError(f'the global batch {global_batch} is not divisible by the '
+                                 f'{jax.process_count()} processes')
+  data = config.data
+  datasets, tokenizer = open_data(data, model_cfg.vocab_size)  # before anything is written
 
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
@@ -82,18 +114,24 @@ def train(config) -> list[dict]:
               f'in {jax.process_count()} process(es)')
 
   # -- data ----------------------------------------------------------------------
-  tokenizer = ByteTokenizer()
-  if tokenizer.vocab_size > model_cfg.vocab_size:
-    raise config_lib.ConfigError(f'model.vocab_size={model_cfg.vocab_size} is smaller than the '
-                                 f'byte tokenizer vocabulary {tokenizer.vocab_size}')
-  tokens = embedded.load_tokens(config.data.embedded_max_bytes, tokenizer)
-  train_tokens, val_tokens = embedded.split_tokens(tokens, config.data.val_fraction, seq_len)
-  sampler = embedded.WindowSampler(train_tokens, seq_len, global_batch, config.seed, tokenizer.bos_id)
-  val_batches = embedded.eval_batches(val_tokens, seq_len, train_cfg.micro_batch_size,
-                                      train_cfg.eval_steps, tokenizer.bos_id)
-  writer.info(f'data: embedded stdlib corpus, {len(train_tokens):,} train / '
-              f'{len(val_tokens):,} val tokens, batch {global_batch} x {seq_len}')
+  loader_settings = pipeline.LoaderSettings(
+      seq_len=seq_len, batch_size=global_batch // jax.process_count(), packing=data.packing,
+      bos_aligned=data.bos_aligned, mixing=data.mixing, shuffle=data.shuffle,
+      row_shuffle_window=data.row_shuffle_window, seed=config.seed,
+      worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size,
+      read_threads=data.read_threads)
+  val_batches = pipeline.validation_batches(
+      datasets, dataclasses.replace(loader_settings, batch_size=train_cfg.micro_batch_size),
+      train_cfg.eval_steps)
+  for dataset in datasets:
+    writer.info(f'data: {dataset.folder} ({dataset.meta["tokenizer"]["kind"]} tokenizer): '
+                f'{dataset.split("train")["tokens"]:,} train / {dataset.split("validation")["tokens"]:,} '
+                f'validation tokens' + (f', weight {dataset.weight}' if dataset.weight else ''))
+  writer.info(f'data: batch {global_batch} x {seq_len}, {data.packing} packing, '
+              f'{len(val_batches)} validation batches')
   batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (global_batch, seq_len))
+  batch_shapes = {name: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=batch_sharding)
+                  for name in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
 
   # -- state -----------------------------------------------------------------------
   _, _, logical = state_lib.abstract_model(model_cfg)
@@ -114,7 +152,7 @@ def train(config) -> list[dict]:
                                    grad_accum_steps=train_cfg.grad_accum_steps,
                                    z_loss_weight=config.model.z_loss_weight)
   schedule = optim.learning_rate_schedule(config.optim, train_cfg.steps)
-  batch_shardings = {name: batch_sharding for name in sampler.batch(0)}
+  batch_shardings = {name: batch_sharding for name in batch_shapes}
   train_step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                         settings=settings),
@@ -125,6 +163,7 @@ def train(config) -> list[dict]:
   # -- checkpoint ------------------------------------------------------------------
   checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep)
   start = checkpointer.latest_step()
+  source_tokens = np.zeros(len(datasets), np.int64)
   if start is not None:
     state = checkpointer.restore(start, state, shardings)
     writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
@@ -134,11 +173,25 @@ def train(config) -> list[dict]:
                 '--config.train.fresh_start=True or another --config.train.run_dir to train again')
     checkpointer.close()
     return []
+  loader_state, progress = checkpointer.restore_data(start) if start else (None, None)
+  if progress and jax.process_index() == 0:  # counters are per process; their sum is global
+    source_tokens[:] = progress['source_tokens']
+  if start and loader_state is None:
+    # Each process's loader state covers its own slice of the documents, so it
+    # does not carry over to another process count: start a fresh shuffle instead.
+    loader_settings = dataclasses.replace(loader_settings, seed=config.seed + start)
+    writer.info(f'data: no loader state for {jax.process_count()} process(es) at step {start}; '
+                'starting a fresh shuffle (documents of the interrupted epoch may repeat or be skipped)')
+  data_iterator = iter(pipeline.train_loader(datasets, loader_settings, jax.process_index(),
+                                             jax.process_count()))
+  if loader_state is not None:
+    data_iterator.set_state(pipeline.state_from_json(loader_state))
+    writer.info(f'data: the loader continues from its state at step {start}')
 
   # -- ahead-of-time compile -------------------------------------------------------
   with jax.set_mesh(mesh):
     t0 = time.perf_counter()
-    compiled = train_step.lower(state, place_batch(sampler.batch(start), batch_sharding)).compile()
+    compiled = train_step.lower(state, batch_shapes).compile()
   memory = compiled.memory_analysis()
   temp = f', temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB' if memory else ''
   writer.info(f'compiled the train step in {time.perf_counter() - t0:.1f}s{temp}')
@@ -170,11 +223,16 @@ def train(config) -> list[dict]:
     if utilisation is not None:
       record['mfu'] = utilisation
       line += f'  MFU {100 * utilisation:.1f}%'
+    consumed = global_counts(source_tokens)
+    for dataset, count in zip(datasets, consumed):
+      record[f'tokens/{dataset.name}'] = int(count)
+    line += '  epochs ' + ' '.join(f'{count / dataset.split("train")["tokens"]:.3f}'
+                                   for dataset, count in zip(datasets, consumed))
     writer.write(step, record, line)
     history.append({'step': step, **record})
 
   def evaluate(step: int):
-    sums = [eval_step(state.params, place_batch(b, batch_sharding)) for b in val_batches]
+    sums = [eval_step(state.params, place_batch(own_rows(b), batch_sharding)) for b in val_batches]
     ce, count = np.sum(jax.device_get(sums), axis=0)
     val_loss = float(ce / max(count, 1))
     writer.write(step, {'val_loss': val_loss}, f'step {step:>6}/{train_cfg.steps}  val_loss {val_loss:.4f}')
@@ -184,7 +242,9 @@ def train(config) -> list[dict]:
   interval_start = time.perf_counter()
   try:
     for step in range(start + 1, train_cfg.steps + 1):
-      batch = place_batch(sampler.batch(step - 1), batch_sharding)
+      local_rows = next(data_iterator)
+      source_tokens += local_rows.pop('source_tokens')
+      batch = place_batch(local_rows, batch_sharding)
       with jax.transfer_guard(train_cfg.transfer_guard):
         state, step_metrics = compiled(state, batch)
       pending.append(step_metrics)
@@ -196,7 +256,8 @@ def train(config) -> list[dict]:
       if train_cfg.eval_steps and (is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)):
         evaluate(step)
       if saving:
-        checkpointer.save(step, state, config_json)
+        checkpointer.save(step, state, config_json, data_iterator.get_state(),
+                          {'source_tokens': global_counts(source_tokens).tolist()})
       if flushing:
         interval_start = time.perf_counter()  # eval and save time are not step time
   finally:
@@ -213,7 +274,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   try:
     train(_CONFIG.value)
-  except (config_lib.ConfigError, TrainingError) as error:
+  except (config_lib.ConfigError, TrainingError, pipeline.DataError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
 

@@ -7,8 +7,7 @@ import pytest
 
 from configs import base
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
-from maxlite.data import embedded
-from maxlite.data.tokenizers import ByteTokenizer
+from maxlite.data import embedded, pipeline
 from maxlite.model.llama import LlamaConfig
 
 SEQ_LEN, BATCH, STEPS = 32, 32, 3
@@ -27,8 +26,14 @@ def small_config(**parallel):
 
 
 @functools.cache
-def corpus():
-  return embedded.load_tokens(200_000, ByteTokenizer())
+def batches():
+  """STEPS + 1 packed batches of the embedded corpus, shared by every mesh."""
+  datasets, _ = pipeline.open_datasets([(str(embedded.prepare('', 200_000, 0.05)), None)])
+  loader = iter(pipeline.train_loader(datasets, pipeline.LoaderSettings(seq_len=SEQ_LEN, batch_size=BATCH, seed=1)))
+  out = [next(loader) for _ in range(STEPS + 1)]
+  for batch in out:
+    del batch['source_tokens']
+  return out
 
 
 def run(config, devices=None, grad_accum_steps=1):
@@ -40,7 +45,6 @@ def run(config, devices=None, grad_accum_steps=1):
   _, _, logical = state_lib.abstract_model(model_cfg)
   tx = optim.make_optimizer(config.optim, config.train.steps, logical)
   settings = step_lib.StepSettings(grad_accum_steps=grad_accum_steps)
-  sampler = embedded.WindowSampler(corpus(), SEQ_LEN, BATCH, seed=1, bos_id=ByteTokenizer.bos_id)
   batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (BATCH, SEQ_LEN))
   with jax.set_mesh(mesh):
     graphdef, logical, state, shardings = state_lib.create_train_state(
@@ -52,9 +56,9 @@ def run(config, devices=None, grad_accum_steps=1):
     grad_fn = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings)[0])
     losses = []
     for i in range(STEPS):
-      state, metrics = train_step(state, jax.device_put(sampler.batch(i), batch_sharding))
+      state, metrics = train_step(state, jax.device_put(batches()[i], batch_sharding))
       losses.append(float(metrics['loss']))
-    grads = grad_fn(state.params, jax.device_put(sampler.batch(STEPS), batch_sharding))
+    grads = grad_fn(state.params, jax.device_put(batches()[STEPS], batch_sharding))
   return np.array(losses), jax.tree.map(np.asarray, grads), state
 
 

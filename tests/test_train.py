@@ -1,10 +1,14 @@
 """End-to-end runs of configs/tiny.py through maxlite.train.train on 8 fake devices."""
 import json
 import math
+import shutil
 
 import pytest
 
 from configs import tiny
+from maxlite.config import ConfigError
+from maxlite.data import embedded
+from maxlite.data.pipeline import DataError
 from maxlite.train import TrainingError, train
 
 
@@ -58,3 +62,55 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
   with pytest.raises(TrainingError, match=r'loss is (nan|inf) at step [23]\b'):
     train(config)
   assert not (tmp_path / 'run' / 'checkpoints' / '3').exists()
+
+
+def test_resume_repeats_the_uninterrupted_losses_exactly(tmp_path, capsys):
+  config = tiny_config(tmp_path / 'run', steps=8, log_interval=1, eval_steps=0)
+  config.checkpoint.interval = 4
+  straight = {h['step']: h['loss'] for h in train(config)}
+
+  # The run "died" after its step-4 checkpoint: model, optimizer and loader state resume from it.
+  shutil.copytree(tmp_path / 'run', tmp_path / 'resumed')
+  shutil.rmtree(tmp_path / 'resumed' / 'checkpoints' / '8')
+  config.train.run_dir = str(tmp_path / 'resumed')
+  resumed = {h['step']: h['loss'] for h in train(config) if 'loss' in h}
+  assert resumed == {step: straight[step] for step in range(5, 9)}
+  assert 'loader continues from its state at step 4' in capsys.readouterr().out
+
+  # A checkpoint from another process count has no loader state for this one:
+  # the loader starts a fresh shuffle and says so.
+  shutil.copytree(tmp_path / 'resumed', tmp_path / 'regrouped')
+  shutil.rmtree(tmp_path / 'regrouped' / 'checkpoints' / '8')
+  data_dir = tmp_path / 'regrouped' / 'checkpoints' / '4' / 'data'
+  (data_dir / 'process_0-of-1.json').rename(data_dir / 'process_0-of-2.json')
+  config.train.run_dir = str(tmp_path / 'regrouped')
+  regrouped = {h['step']: h['loss'] for h in train(config) if 'loss' in h}
+  assert sorted(regrouped) == [5, 6, 7, 8] and regrouped != resumed
+  assert 'starting a fresh shuffle' in capsys.readouterr().out
+
+
+def test_bad_data_fails_before_the_run_dir_is_touched(tmp_path):
+  config = tiny_config(tmp_path / 'run', steps=2, eval_steps=0)
+  config.data.source = str(tmp_path / 'missing')
+  with pytest.raises(DataError, match=r'missing/metadata\.json does not exist'):
+    train(config)
+  config = tiny_config(tmp_path / 'run', steps=2, eval_steps=0)
+  config.model.vocab_size = 200
+  with pytest.raises(ConfigError, match=r'model\.vocab_size=200 is smaller than the vocabulary \(264\) '
+                                        r'of the byte tokenizer of '):
+    train(config)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_a_weighted_mixture_trains_and_logs_tokens_per_source(tmp_path):
+  prepared = embedded.prepare('', tiny.get_config().data.embedded_max_bytes, 0.02)
+  for name in ('code', 'more_code'):
+    shutil.copytree(prepared, tmp_path / name)
+  config = tiny_config(tmp_path / 'run', steps=4, log_interval=2, eval_steps=1)
+  config.data.source = f'{tmp_path / "code"}:0.75,{tmp_path / "more_code"}:0.25'
+  history = train(config)
+  logged = [h for h in history if 'loss' in h]
+  assert [h['step'] for h in logged] == [2, 4]
+  # Concat packing leaves no padding: every token of every row is counted once.
+  assert logged[-1]['tokens/code'] + logged[-1]['tokens/more_code'] == 4 * 8 * 128
+  assert any('val_loss' in h for h in history)

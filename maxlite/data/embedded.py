@@ -1,15 +1,23 @@
-"""The embedded corpus: the Python standard library's own source, byte-level.
+"""The embedded corpus: the Python standard library's own source, as a prepared dataset.
 
 Every Python installation carries it, so the default config trains with no
-download. Files are read in sorted order (deterministic for a given Python),
-each prefixed with BOS; the tail of the stream is held out for validation.
+download. On first use the files are tokenized byte-level into the same
+ArrayRecord format `python -m data_prep prepare` writes (one document per file,
+BOS ... EOS), into a cache folder keyed by the file list and the settings; later
+runs reuse it. The last files (by sorted path) are held out for validation.
 """
+import datetime
+import hashlib
+import json
 import os
 import pathlib
+import shutil
+import sys
 import sysconfig
 
 import numpy as np
 
+from maxlite.data import shards
 from maxlite.data.tokenizers import ByteTokenizer
 
 
@@ -24,71 +32,72 @@ def stdlib_files() -> list[pathlib.Path]:
   return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_tokens(max_bytes: int, tokenizer: ByteTokenizer) -> np.ndarray:
-  """BOS + bytes of each stdlib file until max_bytes, as one int32 stream."""
-  pieces, total = [], 0
-  for path in stdlib_files():
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('XDG_CACHE_HOME') or pathlib.Path.home() / '.cache') / 'maxlite'
+
+
+def prepare(cache_dir, max_bytes: int, val_fraction: float) -> pathlib.Path:
+  """The prepared folder for these settings, written on first use."""
+  files = stdlib_files()
+  key = hashlib.sha256(json.dumps([shards.FORMAT_VERSION, max_bytes, val_fraction, sys.version,
+                                   [(str(f), f.stat().st_size) for f in files]]).encode()).hexdigest()
+  folder = pathlib.Path(cache_dir or default_cache_dir()) / f'embedded-{key[:16]}'
+  if (folder / shards.METADATA_FILE).is_file():
+    return folder
+  folder.parent.mkdir(parents=True, exist_ok=True)
+  # Build beside the final name and rename: a concurrent or interrupted
+  # preparation never leaves a half-written folder under the final name.
+  building = folder.with_name(f'{folder.name}.tmp-{os.getpid()}')
+  shutil.rmtree(building, ignore_errors=True)
+  building.mkdir()
+  _write(building, files, max_bytes, val_fraction)
+  try:
+    building.rename(folder)
+  except OSError:  # another process finished first
+    shutil.rmtree(building, ignore_errors=True)
+  return folder
+
+
+def _write(folder: pathlib.Path, files: list[pathlib.Path], max_bytes: int, val_fraction: float):
+  tokenizer = ByteTokenizer()
+  documents, total = [], 0
+  for path in files:
     data = path.read_bytes()
-    piece = np.empty(len(data) + 1, np.int32)
-    piece[0] = tokenizer.bos_id
-    piece[1:] = np.frombuffer(data, np.uint8)
-    pieces.append(piece)
-    total += len(piece)
+    if data.strip():
+      documents.append(data)
+      total += len(data) + 2
     if total >= max_bytes:
       break
-  return np.concatenate(pieces)[:max_bytes]
-
-
-def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int):
-  """(train, val): val is the last val_fraction of the stream, at least one window."""
-  num_val = max(int(len(tokens) * val_fraction), seq_len + 1)
-  if len(tokens) - num_val < seq_len + 1:
-    raise ValueError(f'embedded corpus of {len(tokens)} tokens is too small for '
-                     f'data.seq_len={seq_len} with data.val_fraction={val_fraction}')
-  return tokens[:-num_val], tokens[-num_val:]
-
-
-def window_batch(tokens: np.ndarray, starts: np.ndarray, seq_len: int, bos_id: int) -> dict:
-  """Rows of seq_len + 1 tokens at `starts`, as next-token inputs and targets.
-
-  Windows cross file boundaries, so each row is a packed sequence: segment ids
-  count the BOS tokens seen, positions restart at each BOS, and a target that
-  is the next document's BOS is not trained on.
-  """
-  rows = tokens[starts[:, None] + np.arange(seq_len + 1)]
-  inputs, targets = rows[:, :-1], rows[:, 1:]
-  is_bos = inputs == bos_id
-  segment_ids = 1 + np.cumsum(is_bos, axis=1) - is_bos[:, :1]
-  index = np.broadcast_to(np.arange(seq_len), inputs.shape)
-  last_bos = np.maximum.accumulate(np.where(is_bos, index, 0), axis=1)
-  positions = index - last_bos
-  return {
-      'inputs': inputs.astype(np.int32),
-      'targets': targets.astype(np.int32),
-      'segment_ids': segment_ids.astype(np.int32),
-      'positions': positions.astype(np.int32),
-      'loss_mask': (targets != bos_id).astype(np.int32),
+  # Hold out whole files from the end until val_fraction of the tokens (at least one file).
+  num_val, val_tokens = 0, 0
+  while num_val < len(documents) - 1 and (num_val == 0 or val_tokens < val_fraction * total):
+    num_val += 1
+    val_tokens += len(documents[-num_val]) + 2
+  dtype = shards.token_dtype(tokenizer.vocab_size)
+  splits = {}
+  for split, part in (('train', documents[:len(documents) - num_val]),
+                      ('validation', documents[len(documents) - num_val:])):
+    writer = shards.ShardWriter(folder, split, dtype)
+    for data in part:
+      ids = np.empty(len(data) + 2, np.int32)
+      ids[0], ids[-1] = tokenizer.bos_id, tokenizer.eos_id
+      ids[1:-1] = np.frombuffer(data, np.uint8)
+      writer.write(ids)
+    splits[split] = writer.close()
+  meta = {
+      'format_version': shards.FORMAT_VERSION,
+      'tokenizer': tokenizer.describe(),
+      'vocab_size': tokenizer.vocab_size,
+      'bos_id': tokenizer.bos_id,
+      'eos_id': tokenizer.eos_id,
+      'add_bos': True,
+      'add_eos': True,
+      'token_dtype': dtype,
+      'splits': splits,
+      'source': {'format': 'embedded', 'inputs': [sysconfig.get_paths()['stdlib']],
+                 'split_by': 'file', 'max_bytes': max_bytes, 'val_fraction': val_fraction},
+      'command': ['maxlite.data.embedded.prepare'],
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
+      'skipped': {},
   }
-
-
-class WindowSampler:
-  """Random windows of the stream; batch k depends only on (seed, k), so resuming
-  at any step reproduces the same batches."""
-
-  def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, bos_id: int):
-    self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
-    self.seed, self.bos_id = seed, bos_id
-
-  def batch(self, index: int) -> dict:
-    rng = np.random.default_rng([self.seed, index])
-    starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
-    return window_batch(self.tokens, starts, self.seq_len, self.bos_id)
-
-
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int, bos_id: int):
-  """A fixed, unshuffled set of batches: evenly spaced windows over the val split."""
-  if num_batches == 0:
-    return []
-  count = batch_size * num_batches
-  starts = np.linspace(0, len(tokens) - seq_len - 1, count).astype(np.int64)
-  return [window_batch(tokens, chunk, seq_len, bos_id) for chunk in np.split(starts, num_batches)]
+  (folder / shards.METADATA_FILE).write_text(json.dumps(meta, indent=2))

@@ -1,13 +1,32 @@
-"""Tokenizers. The byte tokenizer needs no file: ids 0-255 are bytes, specials follow."""
+"""Tokenizers: byte-level (no file), SentencePiece model files, HF tokenizer.json.
+
+All three expose the same small surface: `encode(text) -> int32 ids` without
+specials, `decode(ids) -> str`, and `vocab_size`, `bos_id`, `eos_id`, `pad_id`.
+A prepared dataset records which one it used (`describe()`) and ships the file,
+so the trainer and the generator rebuild exactly the same tokenizer.
+"""
+import hashlib
+import pathlib
+
 import numpy as np
 
 
+def file_sha256(path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
 class ByteTokenizer:
-  """UTF-8 bytes as ids; vocab padded to 264 (a multiple of 8) for even sharding."""
+  """UTF-8 bytes as ids 0-255; specials follow; vocab padded to 264 (a multiple of 8)."""
+  kind = 'byte'
   pad_id = 256
   bos_id = 257
   eos_id = 258
   vocab_size = 264
+  path = None
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
@@ -15,3 +34,120 @@ class ByteTokenizer:
   def decode(self, ids) -> str:
     data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
     return data.decode('utf-8', errors='replace')
+
+  def describe(self) -> dict:
+    return {'kind': self.kind, 'file': None, 'sha256': None, 'vocab_size': self.vocab_size,
+            'bos_id': self.bos_id, 'eos_id': self.eos_id, 'pad_id': self.pad_id}
+
+
+class SentencePieceTokenizer:
+  """A SentencePiece `.model` file; its own BOS/EOS/PAD ids (-1 when it has none)."""
+  kind = 'sentencepiece'
+
+  def __init__(self, path):
+    import sentencepiece
+    self.path = pathlib.Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f'tokenizer file {self.path} does not exist')
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_file=str(self.path))
+    except (RuntimeError, OSError) as error:
+      raise ValueError(f'tokenizer file {self.path} is not a SentencePiece model: '
+                       f'{" ".join(str(error).split())}') from None
+    self.vocab_size = self._sp.get_piece_size()
+    self.bos_id, self.eos_id, self.pad_id = self._sp.bos_id(), self._sp.eos_id(), self._sp.pad_id()
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text), np.int32)
+
+  def decode(self, ids) -> str:
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def describe(self) -> dict:
+    return {'kind': self.kind, 'file': self.path.name, 'sha256': file_sha256(self.path),
+            'vocab_size': self.vocab_size, 'bos_id': self.bos_id, 'eos_id': self.eos_id,
+            'pad_id': self.pad_id}
+
+
+# Special-token spellings tried, in order, when an HF tokenizer.json is given no names.
+_HF_BOS = ('<|begin_of_text|>', '<s>', '<|endoftext|>', '<bos>')
+_HF_EOS = ('<|end_of_text|>', '</s>', '<|endoftext|>', '<eos>')
+_HF_PAD = ('<pad>', '<|pad|>', '[PAD]')
+
+
+class HFTokenizer:
+  """A Hugging Face `tokenizer.json`, through the `tokenizers` package."""
+  kind = 'hf'
+
+  def __init__(self, path, bos_token: str = '', eos_token: str = '', pad_token: str = ''):
+    try:
+      import tokenizers
+    except ImportError:
+      raise ValueError('an HF tokenizer.json needs the `tokenizers` package: pip install tokenizers') from None
+    self.path = pathlib.Path(path)
+    if not self.path.is_file():
+      raise FileNotFoundError(f'tokenizer file {self.path} does not exist')
+    try:
+      self._tok = tokenizers.Tokenizer.from_file(str(self.path))
+    except Exception as error:  # tokenizers raises a bare Exception on malformed JSON
+      raise ValueError(f'tokenizer file {self.path} is not an HF tokenizer.json: '
+                       f'{" ".join(str(error).split())}') from None
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    self.bos_token = self._special(bos_token, _HF_BOS, 'bos_token')
+    self.eos_token = self._special(eos_token, _HF_EOS, 'eos_token')
+    self.pad_token = self._special(pad_token, _HF_PAD, 'pad_token')
+    self.bos_id, self.eos_id, self.pad_id = (
+        -1 if t is None else self._tok.token_to_id(t)
+        for t in (self.bos_token, self.eos_token, self.pad_token))
+
+  def _special(self, name: str, candidates, field: str):
+    if name:
+      if self._tok.token_to_id(name) is None:
+        raise ValueError(f'{field}={name!r} is not in the vocabulary of {self.path}')
+      return name
+    return next((c for c in candidates if self._tok.token_to_id(c) is not None), None)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def describe(self) -> dict:
+    return {'kind': self.kind, 'file': self.path.name, 'sha256': file_sha256(self.path),
+            'vocab_size': self.vocab_size, 'bos_id': self.bos_id, 'eos_id': self.eos_id,
+            'pad_id': self.pad_id, 'bos_token': self.bos_token, 'eos_token': self.eos_token,
+            'pad_token': self.pad_token}
+
+
+TOKENIZER_KINDS = ('byte', 'sentencepiece', 'hf')
+
+
+def load_tokenizer(kind: str, path=None, **special_tokens):
+  """kind is one of TOKENIZER_KINDS; path is the model file for the file-backed kinds."""
+  if kind == 'byte':
+    return ByteTokenizer()
+  if kind not in TOKENIZER_KINDS:
+    raise ValueError(f'tokenizer kind {kind!r} is not one of {TOKENIZER_KINDS}')
+  if not path:
+    raise ValueError(f'a {kind} tokenizer needs its model file')
+  if kind == 'sentencepiece':
+    return SentencePieceTokenizer(path)
+  return HFTokenizer(path, **special_tokens)
+
+
+def from_description(description: dict, folder) -> 'ByteTokenizer | SentencePieceTokenizer | HFTokenizer':
+  """Rebuilds the tokenizer a dataset recorded, from the file it shipped in `folder`;
+  the file's hash must match what was recorded."""
+  kind = description['kind']
+  if kind == 'byte':
+    return ByteTokenizer()
+  path = pathlib.Path(folder) / description['file']
+  if not path.is_file():
+    raise FileNotFoundError(f'tokenizer file {path} named in {pathlib.Path(folder) / "metadata.json"} is missing')
+  if file_sha256(path) != description['sha256']:
+    raise ValueError(f'tokenizer file {path} does not match the sha256 recorded in its metadata.json')
+  if kind == 'hf':
+    return HFTokenizer(path, description.get('bos_token') or '', description.get('eos_token') or '',
+                       description.get('pad_token') or '')
+  return load_tokenizer(kind, path)

@@ -1,0 +1,273 @@
+"""The Grain input pipeline: prepared shards -> shuffled, per-process, mixed, packed batches.
+
+Per source:  ArrayRecord documents -> global shuffle (reseeded every epoch) ->
+             this process's slice [index::count] -> repeat forever -> decode.
+Then:        mix the sources by weight -> pack rows of seq_len -> batch -> workers.
+
+Everything up to the mix is a random-access MapDataset, so the iterator's state
+is a handful of integers plus the packer's buffer; Orbax saves it next to the
+train state and a resumed run sees exactly the batches it would have seen.
+
+Packing keeps documents apart: `segment_ids` number the documents of a row
+(0 is padding) and `positions` restart at each document, so attention masks by
+segment and RoPE sees each document from position 0. A target is trained on
+only if it continues the same document (`loss_mask`).
+"""
+import dataclasses
+import pathlib
+
+import grain
+from absl import flags
+import numpy as np
+from grain import experimental as grain_exp
+
+from maxlite.data import shards, tokenizers
+
+
+
+class DataError(ValueError):
+  """A dataset that cannot be used as configured; printed as one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A prepared dataset folder, opened and checked."""
+  name: str
+  folder: pathlib.Path
+  meta: dict
+  weight: float | None  # share of training tokens; None: not given
+
+  def split(self, split: str) -> dict:
+    return self.meta['splits'].get(split) or {'documents': 0, 'tokens': 0, 'shards': []}
+
+  def records(self, split: str) -> grain.MapDataset:
+    paths = shards.shard_paths(self.folder, self.meta, split)
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+
+
+def parse_sources(spec: str) -> list[tuple[str, float | None]]:
+  """'path' or 'path:weight,path:weight' -> [(path, weight or None)]."""
+  entries = []
+  for item in (s.strip() for s in spec.split(',')):
+    if not item:
+      raise DataError(f'data.source={spec!r} has an empty entry')
+    path, weight = item, None
+    head, _, tail = item.rpartition(':')
+    if head:
+      try:
+        path, weight = head, float(tail)
+      except ValueError:
+        pass  # a colon inside the path, not a weight
+    if weight is not None and not weight > 0:
+      raise DataError(f'data.source weight of {path} is {tail}; weights must be positive')
+    entries.append((path, weight))
+  if len({w is None for _, w in entries}) > 1:
+    raise DataError(f'data.source={spec!r}: give a weight to every source or to none')
+  return entries
+
+
+def open_datasets(entries: list[tuple[str, float | None]]) -> tuple[list[Dataset], object]:
+  """Reads each metadata.json; all sources must share one tokenizer. Returns (datasets, tokenizer)."""
+  datasets = []
+  for path, weight in entries:
+    folder = pathlib.Path(path).expanduser()
+    try:
+      meta = shards.read_metadata(folder)
+    except (OSError, ValueError) as error:
+      raise DataError(str(error)) from None
+    if not meta['splits'].get('train', {}).get('documents'):
+      raise DataError(f'{folder / shards.METADATA_FILE}: the train split is empty')
+    datasets.append(Dataset(folder.name or str(folder), folder, meta, weight))
+  first = datasets[0]
+  for other in datasets[1:]:
+    if _tokenizer_identity(other.meta) != _tokenizer_identity(first.meta):
+      raise DataError(f'{other.folder} was tokenized differently from {first.folder}; '
+                      'a mixture needs one tokenizer')
+  try:
+    tokenizer = tokenizers.from_description(first.meta['tokenizer'], first.folder)
+  except (OSError, ValueError) as error:
+    raise DataError(str(error)) from None
+  return datasets, tokenizer
+
+
+def _tokenizer_identity(meta: dict) -> tuple:
+  t = meta['tokenizer']
+  return t['kind'], t.get('sha256'), meta.get('add_bos'), meta.get('add_eos')
+
+
+def document_rates(datasets: list[Dataset], mixing: str) -> list[float]:
+  """How often the mix draws a document of each source.
+
+  Weights are shares of tokens, but the mix draws documents, so a source of long
+  documents is drawn less often for the same share. 'proportional' gives each
+  source its share of all tokens: every source finishes its epoch together.
+  """
+  docs = np.array([d.split('train')['documents'] for d in datasets], np.float64)
+  tokens = np.array([d.split('train')['tokens'] for d in datasets], np.float64)
+  if mixing == 'proportional' or datasets[0].weight is None:
+    return list(docs / docs.sum())
+  weights = np.array([d.weight for d in datasets], np.float64)
+  rates = weights / weights.sum() / (tokens / docs)
+  return list(rates / rates.sum())
+
+
+class _Decode(grain.transforms.Map):
+  """Record bytes -> token ids, with the source's index per token (for per-source counts)."""
+
+  def __init__(self, dtype: str, source_index: int):
+    self.dtype, self.source_index = dtype, source_index
+
+  def map(self, record: bytes) -> dict:
+    tokens = shards.decode_record(record, self.dtype)
+    return {'tokens': tokens, 'source': np.full(len(tokens), self.source_index, np.int32)}
+
+
+class _SplitLongDocuments(grain_exp.FlatMapTransform):
+  """First-fit packing needs every piece to fit in a row: cut documents into seq_len pieces."""
+
+  def __init__(self, seq_len: int, max_document_tokens: int):
+    self.seq_len = seq_len
+    self.max_fan_out = max(1, -(-max_document_tokens // seq_len))
+
+  def flat_map(self, element: dict):
+    length = len(element['tokens'])
+    return [{k: v[i:i + self.seq_len] for k, v in element.items()}
+            for i in range(0, max(length, 1), self.seq_len)]
+
+
+class _ToModelBatch(grain.transforms.Map):
+  """Packed rows -> the train step's batch, plus tokens per source (host-side, for logs)."""
+
+  def __init__(self, num_sources: int):
+    self.num_sources = num_sources
+
+  def map(self, packed: dict) -> dict:
+    return model_batch(packed, self.num_sources)
+
+
+def model_batch(packed: dict, num_sources: int) -> dict:
+  tokens = packed['tokens']
+  segment_ids = packed['tokens_segment_ids']
+  # The last token of each document has no target in its own document.
+  same_document = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+  targets = np.zeros_like(tokens)
+  targets[:, :-1] = tokens[:, 1:]
+  loss_mask = np.zeros_like(tokens)
+  loss_mask[:, :-1] = same_document
+  counts = np.bincount(packed['source'][segment_ids > 0], minlength=num_sources)
+  return {
+      'inputs': tokens.astype(np.int32),
+      'targets': targets.astype(np.int32),
+      'segment_ids': segment_ids.astype(np.int32),
+      'positions': packed['tokens_positions'].astype(np.int32),
+      'loss_mask': loss_mask.astype(np.int32),
+      'source_tokens': counts.astype(np.int64),
+  }
+
+
+def pack_documents(documents: grain.IterDataset, datasets: list[Dataset],
+                   settings: 'LoaderSettings') -> grain.IterDataset:
+  """Documents -> rows of seq_len with `tokens`, `tokens_segment_ids`, `tokens_positions`."""
+  lengths = {'tokens': settings.seq_len, 'source': settings.seq_len}
+  if settings.packing == 'concat':
+    # Documents run on into the next row; bos_aligned restarts each continued
+    # piece with BOS (its first token is replaced: one token lost per cut).
+    bos = {}
+    if settings.bos_aligned:
+      bos = dict(bos_handling=grain_exp.BOSHandling.REPLACE_FIRST_TOKEN_WITH_BOS,
+                 bos_features=('tokens',), bos_token_id=datasets[0].meta['bos_id'])
+    return grain_exp.ConcatThenSplitIterDataset(documents, length_struct=lengths, **bos)
+  longest = max(d.split('train')['max_document_tokens'] for d in datasets)
+  documents = grain_exp.FlatMapIterDataset(documents, _SplitLongDocuments(settings.seq_len, longest))
+  # Bins fill in parallel: as many as rows per batch keeps padding low without
+  # holding more than a batch of documents back.
+  return grain_exp.FirstFitPackIterDataset(
+      documents, length_struct=lengths, num_packing_bins=settings.batch_size, seed=settings.seed,
+      shuffle_bins=settings.shuffle)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSettings:
+  seq_len: int
+  batch_size: int  # rows per step delivered by this process
+  packing: str = 'concat'
+  bos_aligned: bool = False
+  mixing: str = 'weighted'
+  shuffle: bool = True
+  row_shuffle_window: int = 1024  # packed rows shuffled within windows of this many
+  seed: int = 0
+  worker_count: int = 0  # Grain worker processes; 0 packs in a thread of the training process
+  worker_buffer_size: int = 2  # batches made ahead, per worker (or by the thread)
+  read_threads: int = 4
+
+
+def process_documents(dataset: Dataset, source_index: int, settings: LoaderSettings,
+                      process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """One epoch of this process's share of a source's training documents, decoded."""
+  records = dataset.records('train')
+  if len(records) < process_count:
+    raise DataError(f'{dataset.folder} has {len(records)} training documents, fewer than the '
+                    f'{process_count} processes that share it')
+  if settings.shuffle:
+    records = records.seed(settings.seed + 7919 * source_index).shuffle()
+  # Slicing after the shuffle: the processes split one global permutation,
+  # disjoint and covering; a later repeat() reseeds the shuffle every epoch.
+  records = records[process_index::process_count]
+  return records.map(_Decode(dataset.meta['token_dtype'], source_index))
+
+
+def train_loader(datasets: list[Dataset], settings: LoaderSettings, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """The training stream of this process: an endless IterDataset of batches."""
+  sources = [process_documents(d, i, settings, process_index, process_count).repeat()
+             for i, d in enumerate(datasets)]
+  documents = sources[0]
+  if len(sources) > 1:
+    documents = grain.MapDataset.mix(sources, document_rates(datasets, settings.mixing))
+  documents = documents.to_iter_dataset(grain.ReadOptions(num_threads=settings.read_threads,
+                                                          prefetch_buffer_size=256))
+  packed = pack_documents(documents, datasets, settings)
+  if settings.shuffle and settings.row_shuffle_window > 1:
+    # A long document fills many consecutive rows; without this a whole batch
+    # can come from one document. Restoring replays at most one window.
+    packed = grain_exp.WindowShuffleIterDataset(packed, window_size=settings.row_shuffle_window,
+                                                seed=settings.seed + 1)
+  batches = packed.batch(settings.batch_size, drop_remainder=True).map(_ToModelBatch(len(datasets)))
+  if settings.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; scripts may not parse any
+      flags.FLAGS.mark_as_parsed()
+    return batches.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=settings.worker_count, per_worker_buffer_size=settings.worker_buffer_size))
+  # A background thread packs the next batches while the training thread
+  # dispatches steps; its state is that of the batches handed out, not made.
+  return grain_exp.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=settings.worker_buffer_size)
+
+
+def validation_batches(datasets: list[Dataset], settings: LoaderSettings, num_batches: int) -> list[dict]:
+  """A fixed set of global batches: the validation splits in order, unshuffled, packed alike."""
+  parts = [d.records('validation').map(_Decode(d.meta['token_dtype'], i))
+           for i, d in enumerate(datasets) if d.split('validation')['documents']]
+  if not parts or num_batches == 0:
+    return []
+  documents = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
+  packed = pack_documents(documents.to_iter_dataset(), datasets,
+                          dataclasses.replace(settings, shuffle=False, seed=0))
+  batches = packed.batch(settings.batch_size, drop_remainder=True).map(_ToModelBatch(len(datasets)))
+  batches = [batch for _, batch in zip(range(num_batches), iter(batches))]
+  for batch in batches:
+    del batch['source_tokens']
+  return batches
+
+
+def state_from_json(value, in_slices: bool = False):
+  """A loader state read back from JSON, with the tuples JSON turned into lists restored.
+
+  Grain's concat packer tests its `remainder_slices` against the tuple (-1, -1);
+  a list never equals it, and the restored packer would read one element too many.
+  """
+  if isinstance(value, dict):
+    return {k: state_from_json(v, in_slices or k == 'remainder_slices') for k, v in value.items()}
+  if isinstance(value, list):
+    items = [state_from_json(v, in_slices) for v in value]
+    return tuple(items) if in_slices else items
+  return value

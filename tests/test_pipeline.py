@@ -1,0 +1,216 @@
+"""The Grain pipeline: packing, sharding, mixtures, determinism and exact resume."""
+import collections
+import json
+
+import numpy as np
+import pytest
+
+from maxlite.data import pipeline, shards
+
+BOS, EOS = 1, 2
+
+
+def write_dataset(folder, lengths, *, first_doc=0, val_lengths=(5, 7), tokenizer_sha='t0'):
+  """Documents whose tokens say where they come from: (doc + 1) * 1000 + position, BOS first."""
+  folder.mkdir(parents=True)
+  splits = {}
+  for split, split_lengths, offset in (('train', lengths, first_doc), ('validation', val_lengths, 900 + first_doc)):
+    writer = shards.ShardWriter(folder, split, 'uint32', docs_per_shard=7)
+    for i, length in enumerate(split_lengths):
+      doc = (offset + i + 1) * 1000 + np.arange(length)
+      doc[0] = BOS
+      writer.write(doc)
+    splits[split] = writer.close()
+  meta = {'format_version': shards.FORMAT_VERSION,
+          'tokenizer': {'kind': 'byte', 'file': None, 'sha256': tokenizer_sha, 'vocab_size': 264,
+                        'bos_id': BOS, 'eos_id': EOS, 'pad_id': 0},
+          'vocab_size': 264, 'bos_id': BOS, 'eos_id': EOS, 'add_bos': True, 'add_eos': False,
+          'token_dtype': 'uint32', 'splits': splits}
+  (folder / shards.METADATA_FILE).write_text(json.dumps(meta))
+  return folder
+
+
+def random_lengths(count, seed, low=2, high=60):
+  return list(np.random.default_rng(seed).integers(low, high, count))
+
+
+def documents_of(lengths, first_doc=0):
+  return {(first_doc + i + 1) * 1000 + j for i, n in enumerate(lengths) for j in range(1, n)}
+
+
+def check_rows(batch, seq_len):
+  """Segment ids, positions, targets and loss mask agree with the tokens of each row."""
+  inputs, seg, pos, targets, mask = (batch[k] for k in ('inputs', 'segment_ids', 'positions', 'targets', 'loss_mask'))
+  assert inputs.shape[1] == seq_len
+  for r in range(len(inputs)):
+    for t in range(seq_len):
+      if seg[r, t] == 0:  # padding, only at the end of a row
+        assert inputs[r, t] == 0 and mask[r, t] == 0 and np.all(seg[r, t:] == 0)
+        continue
+      starts_segment = t == 0 or seg[r, t - 1] != seg[r, t]
+      if starts_segment:
+        assert t == 0 or seg[r, t] == seg[r, t - 1] + 1
+        assert pos[r, t] == 0
+      else:
+        assert pos[r, t] == pos[r, t - 1] + 1
+        # Within a segment the tokens are consecutive positions of one document.
+        if inputs[r, t] != BOS:
+          assert inputs[r, t] == inputs[r, t - 1] + 1 or inputs[r, t - 1] == BOS
+      same_next = t + 1 < seq_len and seg[r, t + 1] == seg[r, t]
+      assert mask[r, t] == int(same_next)
+      if same_next:
+        assert targets[r, t] == inputs[r, t + 1]
+
+
+def real_tokens(batch):
+  return batch['inputs'][batch['segment_ids'] > 0]
+
+
+@pytest.mark.parametrize('packing', ['concat', 'first_fit'])
+def test_packing_keeps_every_token_exactly_once(tmp_path, packing):
+  lengths = random_lengths(80, seed=1, high=90)  # some longer than a row
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', lengths)), None)])
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, packing=packing, shuffle=False)
+  documents = pipeline.process_documents(ds[0], 0, settings).to_iter_dataset()
+  packed = pipeline.pack_documents(documents, ds, settings)
+  rows = [pipeline.model_batch({k: v[None] for k, v in row.items()}, 1) for row in packed]
+  seen = collections.Counter(int(t) for row in rows for t in real_tokens(row) if t != BOS)
+  assert set(seen) == documents_of(lengths) and max(seen.values()) == 1
+  assert sum(int((row['inputs'] == BOS).sum()) for row in rows) == len(lengths)
+  for row in rows:
+    check_rows(row, 32)
+  fill = sum(len(real_tokens(r)) for r in rows) / (32 * len(rows))
+  if packing == 'concat':  # only the last row may be partly padding
+    assert all(len(real_tokens(r)) == 32 for r in rows[:-1])
+  else:
+    assert fill > 0.8, fill
+
+
+def test_bos_aligned_starts_every_piece_with_bos(tmp_path):
+  lengths = random_lengths(40, seed=2, high=100)
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', lengths)), None)])
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, bos_aligned=True, shuffle=False)
+  loader = iter(pipeline.train_loader(ds, settings))
+  for _ in range(5):
+    batch = next(loader)
+    starts = (batch['positions'] == 0) & (batch['segment_ids'] > 0)
+    assert np.all(batch['inputs'][starts] == BOS)
+    check_rows(batch, 32)
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(tmp_path):
+  lengths = random_lengths(53, seed=3)
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', lengths)), None)])
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=2, seed=5)
+  parts = [[int(d['tokens'][1]) // 1000 - 1 for d in pipeline.process_documents(ds[0], 0, settings, p, 3)]
+           for p in range(3)]
+  everything = [doc for part in parts for doc in part]
+  assert sorted(everything) == list(range(53)) and len(set(everything)) == 53
+  assert everything != sorted(everything)  # shuffled
+  # The next epoch is a new permutation, again split disjointly over the processes.
+  epoch_2 = [[int(d['tokens'][1]) // 1000 - 1 for d in
+              pipeline.process_documents(ds[0], 0, settings, p, 3).repeat()[len(parts[p]):2 * len(parts[p])]]
+             for p in range(3)]
+  assert sorted(doc for part in epoch_2 for doc in part) == list(range(53))
+  assert epoch_2 != parts
+
+
+def take(loader, count):
+  iterator = iter(loader)
+  return [next(iterator) for _ in range(count)]
+
+
+def test_loader_is_deterministic_and_seeded(tmp_path):
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', random_lengths(60, 4))), None)])
+  settings = pipeline.LoaderSettings(seq_len=16, batch_size=4, seed=3, row_shuffle_window=8)
+  a, b = take(pipeline.train_loader(ds, settings), 6), take(pipeline.train_loader(ds, settings), 6)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+  other = take(pipeline.train_loader(ds, pipeline.LoaderSettings(seq_len=16, batch_size=4, seed=4)), 6)
+  assert not all(np.array_equal(x['inputs'], y['inputs']) for x, y in zip(a, other))
+
+
+@pytest.mark.parametrize('packing,workers,stop', [
+    ('concat', 0, 17), ('concat', 0, 0), ('concat', 0, 5), ('first_fit', 0, 17), ('concat', 1, 17)])
+def test_resume_yields_exactly_the_same_batches(tmp_path, packing, workers, stop):
+  paths = [write_dataset(tmp_path / 'a', random_lengths(70, 5, high=80)),
+           write_dataset(tmp_path / 'b', random_lengths(40, 6, high=20), first_doc=500)]
+  ds, _ = pipeline.open_datasets([(str(paths[0]), 0.6), (str(paths[1]), 0.4)])
+  settings = pipeline.LoaderSettings(seq_len=24, batch_size=3, packing=packing, seed=2,
+                                     row_shuffle_window=5, worker_count=workers)
+  straight = take(pipeline.train_loader(ds, settings), 40)  # several epochs of source b
+  interrupted = iter(pipeline.train_loader(ds, settings))
+  for _ in range(stop):
+    next(interrupted)
+  saved = json.loads(json.dumps(interrupted.get_state()))  # as it goes through a checkpoint
+  resumed = iter(pipeline.train_loader(ds, settings))
+  resumed.set_state(pipeline.state_from_json(saved))
+  for expected in straight[stop:]:
+    got = next(resumed)
+    for key in expected:
+      assert np.asarray(got[key]).tobytes() == np.asarray(expected[key]).tobytes(), (key, saved)
+
+
+@pytest.mark.parametrize('mixing,weights,expected', [
+    ('weighted', (0.75, 0.25), 0.75),
+    ('proportional', (None, None), 3000 / (3000 + 2000)),
+])
+def test_mixture_shares_follow_the_weights(tmp_path, mixing, weights, expected):
+  a = write_dataset(tmp_path / 'a', [60] * 50)  # 3000 tokens in long documents
+  b = write_dataset(tmp_path / 'b', [10] * 200, first_doc=100)  # 2000 tokens in short ones
+  ds, _ = pipeline.open_datasets([(str(a), weights[0]), (str(b), weights[1])])
+  settings = pipeline.LoaderSettings(seq_len=64, batch_size=8, mixing=mixing, seed=1)
+  counts = np.zeros(2)
+  for batch in take(pipeline.train_loader(ds, settings), 40):
+    counts += batch['source_tokens']
+    assert batch['source_tokens'].sum() == (batch['segment_ids'] > 0).sum()
+  assert counts[0] / counts.sum() == pytest.approx(expected, abs=0.03)
+
+
+def test_validation_batches_are_fixed_and_in_order(tmp_path):
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', [10] * 5, val_lengths=(30, 40, 50))), None)])
+  settings = pipeline.LoaderSettings(seq_len=16, batch_size=2, seed=9)
+  first = pipeline.validation_batches(ds, settings, 3)
+  again = pipeline.validation_batches(ds, pipeline.LoaderSettings(seq_len=16, batch_size=2, seed=1), 3)
+  assert len(first) == 3 and 'source_tokens' not in first[0]
+  for x, y in zip(first, again):
+    assert all(np.array_equal(x[k], y[k]) for k in x)
+  tokens = np.concatenate([real_tokens(b) for b in first])
+  assert list(tokens[:31]) == [BOS] + [901_001 + i for i in range(29)] + [BOS]
+
+
+def test_parse_sources():
+  assert pipeline.parse_sources('/d/a') == [('/d/a', None)]
+  assert pipeline.parse_sources('/d/a:0.7, /d/b:0.3') == [('/d/a', 0.7), ('/d/b', 0.3)]
+  assert pipeline.parse_sources('c:/x') == [('c:/x', None)]
+
+
+@pytest.mark.parametrize('spec,message', [
+    ('/d/a:0.7,/d/b', 'give a weight to every source or to none'),
+    ('/d/a:-1', 'weights must be positive'),
+    ('/d/a,,/d/b', 'empty entry'),
+])
+def test_bad_source_specs(spec, message):
+  with pytest.raises(pipeline.DataError, match=message):
+    pipeline.parse_sources(spec)
+
+
+def test_bad_datasets_name_the_file(tmp_path):
+  with pytest.raises(pipeline.DataError, match=r'nothing/metadata\.json does not exist'):
+    pipeline.open_datasets([(str(tmp_path / 'nothing'), None)])
+  a = write_dataset(tmp_path / 'a', [5, 6])
+  b = write_dataset(tmp_path / 'b', [5, 6], tokenizer_sha='t1')
+  with pytest.raises(pipeline.DataError, match='tokenized differently'):
+    pipeline.open_datasets([(str(a), 1.0), (str(b), 1.0)])
+  empty = write_dataset(tmp_path / 'empty', [])
+  with pytest.raises(pipeline.DataError, match='train split is empty'):
+    pipeline.open_datasets([(str(empty), None)])
+  (tmp_path / 'bad').mkdir()
+  (tmp_path / 'bad' / 'metadata.json').write_text('{not json')
+  with pytest.raises(pipeline.DataError, match=r'bad/metadata\.json is not valid JSON'):
+    pipeline.open_datasets([(str(tmp_path / 'bad'), None)])
+  meta = json.loads((a / 'metadata.json').read_text())
+  (a / meta['splits']['train']['shards'][0]).unlink()
+  datasets, _ = pipeline.open_datasets([(str(a), None)])
+  with pytest.raises(FileNotFoundError, match='train-00000.array_record'):
+    pipeline.train_loader(datasets, pipeline.LoaderSettings(seq_len=8, batch_size=1))
