@@ -75,8 +75,8 @@ def main():
     model = train_tokenizer(files, f'{scratch}/sp', vocab_size=args.sp_vocab_size, errors='replace')['model']
     print(f'{len(files)} files, {megabytes:.1f} MB; SentencePiece BPE {args.sp_vocab_size} trained in '
           f'{time.perf_counter() - start:.1f} s\n')
-    print(f'| tokenizer     | workers | tokens     | seconds | tokens/s   | MB/s  |')
-    print(f'|---------------|---------|------------|---------|------------|-------|')
+    print('| tokenizer     | workers | tokens     | seconds | tokens/s   | MB/s  |')
+    print('|---------------|---------|------------|---------|------------|-------|')
     for kind, path in (('byte', None), ('sentencepiece', model)):
       for workers in args.workers:
         start = time.perf_counter()

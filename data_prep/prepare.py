@@ -7,8 +7,6 @@ no look at the rest of the corpus (see `split_rule`).
 """
 import collections
 import contextlib
-import datetime
-import json
 import os
 import shutil
 import sys
@@ -70,27 +68,12 @@ def prepare(inputs, output, *, tokenizer: str = 'byte', tokenizer_file=None, bos
                                   val_documents=val_documents, max_tokens=max_tokens,
                                   docs_per_shard=docs_per_shard, workers=workers,
                                   show_progress=show_progress)
-    metadata = {
-        'format_version': shards.FORMAT_VERSION,
-        'tokenizer': tok.describe(),
-        'vocab_size': tok.vocab_size,
-        'bos_id': tok.bos_id,
-        'eos_id': tok.eos_id,
-        'pad_id': tok.pad_id,
-        'add_bos': add_bos,
-        'add_eos': add_eos,
-        'token_dtype': dtype,
-        'splits': splits,
-        'split_rule': {'val_fraction': val_fraction, 'val_documents': val_documents},
-        'max_tokens': max_tokens,
-        'stopped_at_max_tokens': stats['stopped_at_max_tokens'],
-        'docs_per_shard': docs_per_shard,
-        'skipped': stats['skipped'],
-        'source': corpus.source,
-        'command': list(sys.argv if command is None else command),
-        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-    }
-    (folder / shards.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + '\n')
+    metadata = shards.write_metadata(
+        folder, tok, add_bos=add_bos, add_eos=add_eos, splits=splits, source=corpus.source,
+        command=list(sys.argv if command is None else command),
+        split_rule={'val_fraction': val_fraction, 'val_documents': val_documents},
+        max_tokens=max_tokens, stopped_at_max_tokens=stats['stopped_at_max_tokens'],
+        docs_per_shard=docs_per_shard, skipped=stats['skipped'])
   return metadata
 
 

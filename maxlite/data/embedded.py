@@ -6,7 +6,6 @@ ArrayRecord format `python -m data_prep prepare` writes (one document per file,
 BOS ... EOS), into a cache folder keyed by the file list and the settings; later
 runs reuse it. The last files (by sorted path) are held out for validation.
 """
-import datetime
 import hashlib
 import json
 import os
@@ -84,20 +83,8 @@ def _write(folder: pathlib.Path, files: list[pathlib.Path], max_bytes: int, val_
       ids[1:-1] = np.frombuffer(data, np.uint8)
       writer.write(ids)
     splits[split] = writer.close()
-  meta = {
-      'format_version': shards.FORMAT_VERSION,
-      'tokenizer': tokenizer.describe(),
-      'vocab_size': tokenizer.vocab_size,
-      'bos_id': tokenizer.bos_id,
-      'eos_id': tokenizer.eos_id,
-      'add_bos': True,
-      'add_eos': True,
-      'token_dtype': dtype,
-      'splits': splits,
-      'source': {'format': 'embedded', 'inputs': [sysconfig.get_paths()['stdlib']],
-                 'split_by': 'file', 'max_bytes': max_bytes, 'val_fraction': val_fraction},
-      'command': ['maxlite.data.embedded.prepare'],
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      'skipped': {},
-  }
-  (folder / shards.METADATA_FILE).write_text(json.dumps(meta, indent=2))
+  shards.write_metadata(
+      folder, tokenizer, add_bos=True, add_eos=True, splits=splits,
+      source={'format': 'embedded', 'inputs': [sysconfig.get_paths()['stdlib']], 'split_by': 'file',
+              'max_bytes': max_bytes, 'val_fraction': val_fraction},
+      command=['maxlite.data.embedded.prepare'])

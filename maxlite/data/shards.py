@@ -9,6 +9,7 @@ little-endian uint16 (vocab <= 65536) or uint32. ArrayRecord files are written
 with group_size 1, so any document is one seek away: the Grain source shuffles
 globally by index without reading neighbours.
 """
+import datetime
 import json
 import pathlib
 
@@ -66,6 +67,29 @@ class ShardWriter:
     self._close_shard()
     return {'documents': self.documents, 'tokens': self.tokens,
             'max_document_tokens': self.max_document_tokens, 'shards': self.shards}
+
+
+def write_metadata(folder, tokenizer, *, add_bos: bool, add_eos: bool, splits: dict, source: dict,
+                   command: list[str], **extra) -> dict:
+  """Writes <folder>/metadata.json, the one description of a prepared dataset; returns it."""
+  meta = {
+      'format_version': FORMAT_VERSION,
+      'tokenizer': tokenizer.describe(),
+      'vocab_size': tokenizer.vocab_size,
+      'bos_id': tokenizer.bos_id,
+      'eos_id': tokenizer.eos_id,
+      'pad_id': tokenizer.pad_id,
+      'add_bos': add_bos,
+      'add_eos': add_eos,
+      'token_dtype': token_dtype(tokenizer.vocab_size),
+      'splits': splits,
+      **extra,
+      'source': source,
+      'command': command,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+  (pathlib.Path(folder) / METADATA_FILE).write_text(json.dumps(meta, indent=2) + '\n')
+  return meta
 
 
 def read_metadata(folder) -> dict:
