@@ -65,6 +65,13 @@ def global_counts(local: np.ndarray) -> np.ndarray:
   return multihost_utils.process_allgather(local).sum(axis=0)
 
 
+def _short(count: int) -> str:
+  for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if count >= size:
+      return f'{count / size:.1f}{unit}'
+  return str(int(count))
+
+
 def open_data(data, model_vocab_size: int):
   """The configured datasets and their tokenizer, checked against the model."""
   if data.source == 'embedded':
@@ -226,8 +233,11 @@ def train(config) -> list[dict]:
     consumed = global_counts(source_tokens)
     for dataset, count in zip(datasets, consumed):
       record[f'tokens/{dataset.name}'] = int(count)
-    line += '  epochs ' + ' '.join(f'{count / dataset.split("train")["tokens"]:.3f}'
-                                   for dataset, count in zip(datasets, consumed))
+    if len(datasets) == 1:
+      line += f'  epoch {consumed[0] / datasets[0].split("train")["tokens"]:.3f}'
+    else:  # a mixture: tokens and epochs of each source so far
+      line += ''.join(f'  {d.name} {_short(count)} tok ({count / d.split("train")["tokens"]:.3f} ep)'
+                      for d, count in zip(datasets, consumed))
     writer.write(step, record, line)
     history.append({'step': step, **record})
 
