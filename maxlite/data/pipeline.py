@@ -1,8 +1,9 @@
 """The Grain input pipeline: prepared shards -> shuffled, per-process, mixed, packed batches.
 
 Per source:  ArrayRecord documents -> global shuffle (reseeded every epoch) ->
-             this process's slice [index::count] -> repeat forever -> decode.
-Then:        mix the sources by weight -> pack rows of seq_len -> batch -> workers.
+             this process's slice [index::count] -> decode -> repeat forever.
+Then:        mix the sources by weight -> pack rows of seq_len -> shuffle rows
+             within a window -> batch -> a prefetch thread or worker processes.
 
 Everything up to the mix is a random-access MapDataset, so the iterator's state
 is a handful of integers plus the packer's buffer; Orbax saves it next to the
@@ -17,12 +18,11 @@ import dataclasses
 import pathlib
 
 import grain
-from absl import flags
 import numpy as np
+from absl import flags
 from grain import experimental as grain_exp
 
 from maxlite.data import shards, tokenizers
-
 
 
 class DataError(ValueError):
@@ -77,7 +77,10 @@ def open_datasets(entries: list[tuple[str, float | None]]) -> tuple[list[Dataset
       raise DataError(str(error)) from None
     if not meta['splits'].get('train', {}).get('documents'):
       raise DataError(f'{folder / shards.METADATA_FILE}: the train split is empty')
-    datasets.append(Dataset(folder.name or str(folder), folder, meta, weight))
+    name = folder.name or str(folder)
+    if any(d.name == name for d in datasets):  # names key the per-source token counts
+      name = f'{name}_{len(datasets)}'
+    datasets.append(Dataset(name, folder, meta, weight))
   first = datasets[0]
   for other in datasets[1:]:
     if _tokenizer_identity(other.meta) != _tokenizer_identity(first.meta):
