@@ -81,7 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
   checkpoint.interval = 100  # steps; the final step is always saved
-  checkpoint.max_to_keep = 3
+  checkpoint.max_to_keep = 3  # the newest N are kept ...
+  checkpoint.keep_every = 0  # ... plus every step that is a multiple of this, forever; 0: none
+  checkpoint.async_save = True  # write in the background while training goes on
 
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics

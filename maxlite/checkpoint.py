@@ -1,19 +1,31 @@
 """Orbax checkpoints in <run_dir>/checkpoints: train state, data loader state, resolved config.
 
-Saves are asynchronous: the loop goes on while a background thread writes, and
-Orbax only makes a step visible once it is complete, so a crash mid-save leaves
-the previous checkpoint as the latest.
+A checkpoint step holds four items:
+  state          params, optimizer state and step (the train step draws no
+                 random numbers, so there is no RNG state beyond config.seed
+                 and the data loader's own state)
+  data           the Grain loader state, one JSON file per process
+  data_progress  tokens read per source, summed over processes
+  config         the resolved config as JSON, so a run directory stands alone
 
-The data loader's state is captured when `save` is called (not when the
-background write happens), one JSON file per process, so a resumed run reads
-exactly the batches the uninterrupted run would have read.
+Saves are asynchronous: the loop goes on while a background thread writes.
+Orbax writes each step into a temporary folder and renames it into place only
+when it is complete, so a crash mid-save leaves the previous step as the
+latest. A step that is complete on disk but unreadable (truncated or deleted
+files) is moved aside to <run_dir>/unreadable_checkpoints/ and the step before
+it is used.
 """
 import json
 import pathlib
+import shutil
+import time
+from collections.abc import Callable
 
 import grain
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 
 class _FrozenState:
@@ -32,34 +44,79 @@ class _FrozenState:
     pass
 
 
+def checkpoint_dir(run_dir) -> pathlib.Path:
+  return pathlib.Path(run_dir).absolute() / 'checkpoints'
+
+
+def _abstract(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 class Checkpointer:
+  """Saves every `interval` steps and at the end; keeps the newest `max_to_keep`
+  plus, permanently, every step that is a multiple of `keep_every` (0: none)."""
 
-  def __init__(self, run_dir: pathlib.Path, interval: int, max_to_keep: int):
+  def __init__(self, run_dir: pathlib.Path, interval: int, max_to_keep: int, keep_every: int = 0,
+               async_save: bool = True):
     self.interval = interval
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(run_dir.absolute() / 'checkpoints', options=options)
+    self.run_dir = pathlib.Path(run_dir)
+    keep = [policies.LatestN(max_to_keep)]
+    if keep_every:
+      keep.append(policies.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        preservation_policy=policies.AnyPreservationPolicy(keep))
+    self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+  def steps(self) -> list[int]:
+    """Complete steps on disk, oldest first."""
+    return sorted(self.manager.all_steps())
 
   def should_save(self, step: int, last_step: int) -> bool:
     return step == last_step or (self.interval > 0 and step % self.interval == 0)
 
   def save(self, step: int, state, config_json: str, data_state: dict, data_progress: dict):
+    """Starts an asynchronous save; returns once the arrays are copied off the devices."""
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(_FrozenState(json.dumps(data_state).encode())),
         data_progress=ocp.args.JsonSave(data_progress),
-        config=ocp.args.JsonSave(config_json)), force=True)
+        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+
+  def wait(self):
+    """Blocks until the last save is on disk."""
+    self.manager.wait_until_finished()
 
   def restore(self, step: int, state, shardings):
     """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
+        state=ocp.args.StandardRestore(_abstract(state, shardings))))
     return restored.state
+
+  def restore_latest(self, state, shardings, warn: Callable[[str], None]):
+    """(step, state) from the newest readable checkpoint, or (None, state) when there is none.
+
+    Unreadable steps are moved aside (never deleted) so that later saves of the
+    same step number do not collide with them.
+    """
+    for step in reversed(self.steps()):
+      try:
+        return step, self.restore(step, state, shardings)
+      except Exception as error:  # Orbax and TensorStore raise many types for damaged files
+        aside = self._move_aside(step)
+        warn(f'warning: checkpoint {step} is unreadable ({type(error).__name__}: '
+             f'{_first_line(error)}); moved it to {aside} and trying the one before')
+    return None, state
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    folder = pathlib.Path(self.manager.directory) / str(step)
+    aside = self.run_dir / 'unreadable_checkpoints' / f'{step}-{time.strftime("%Y%m%d-%H%M%S")}'
+    if jax.process_index() == 0:
+      aside.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(folder, aside)
+    _sync(f'maxlite_move_aside_{step}')
+    self.manager.reload()
+    return aside
 
   def restore_data(self, step: int) -> tuple[dict | None, dict | None]:
     """(this process's loader state, the global data progress) saved at `step`.
@@ -82,3 +139,48 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return text[0][:200] if text else ''
+
+
+def _sync(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _step_folder(run_dir, step: int | None) -> tuple[int, pathlib.Path]:
+  """The folder of `step`, or of the newest complete step; a one-line error otherwise."""
+  folder = checkpoint_dir(run_dir)
+  steps = sorted(int(p.name) for p in folder.glob('*') if p.name.isdigit()) if folder.is_dir() else []
+  if not steps:
+    raise FileNotFoundError(f'{folder} holds no checkpoint')
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f'{folder} has no checkpoint at step {step} (it has {steps})')
+  return step, folder / str(step)
+
+
+def read_config(run_dir, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, the resolved config the run saved with that step's checkpoint)."""
+  step, folder = _step_folder(run_dir, step)
+  config_file = folder / 'config' / 'metadata'
+  if not config_file.is_file():
+    raise FileNotFoundError(f'{config_file} is missing: checkpoint {step} has no config')
+  return step, ml_collections.ConfigDict(json.loads(config_file.read_text()))
+
+
+def load_params(run_dir, step: int, abstract_params):
+  """Only the parameters of checkpoint `step` (no optimizer state), placed as
+  `abstract_params` (ShapeDtypeStructs with shardings) asks."""
+  _, folder = _step_folder(run_dir, step)
+  target = {'params': abstract_params}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  return restored['params']

@@ -4,6 +4,7 @@
 """
 import dataclasses
 import functools
+import json
 import pathlib
 import shutil
 import sys
@@ -21,7 +22,7 @@ from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
 from maxlite import optim, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
-from maxlite.data import embedded, pipeline
+from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.llama import LlamaConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -72,6 +73,14 @@ def _short(count: int) -> str:
   return str(int(count))
 
 
+def check_run_tokenizer(run_dir: pathlib.Path, tokenizer):
+  """A resumed run must read its data with the tokenizer it started with."""
+  saved = run_dir / 'tokenizer' / tokenizers.DESCRIPTION_FILE
+  if saved.is_file() and json.loads(saved.read_text()) != tokenizer.describe():
+    raise TrainingError(f'data.source uses a different tokenizer ({tokenizer.describe()["kind"]}) '
+                        f'from the one {run_dir} was trained with ({saved})')
+
+
 def open_data(data, model_vocab_size: int):
   """The configured datasets and their tokenizer, checked against the model."""
   if data.source == 'embedded':
@@ -109,10 +118,12 @@ def train(config) -> list[dict]:
   run_dir = pathlib.Path(train_cfg.run_dir)
   has_checkpoint = (run_dir / 'checkpoints').is_dir() and any((run_dir / 'checkpoints').iterdir())
   prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint)
+  check_run_tokenizer(run_dir, tokenizer)
   run_dir.mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
   if jax.process_index() == 0:
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    tokenizers.save_tokenizer(tokenizer, run_dir / 'tokenizer')  # for generate and HF export
 
   # -- mesh ----------------------------------------------------------------------
   mesh = mesh_lib.make_mesh(mesh_sizes)
@@ -168,11 +179,11 @@ def train(config) -> list[dict]:
                       in_shardings=(shardings.params, batch_shardings))
 
   # -- checkpoint ------------------------------------------------------------------
-  checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep)
-  start = checkpointer.latest_step()
+  checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep,
+                              config.checkpoint.keep_every, config.checkpoint.async_save)
+  start, state = checkpointer.restore_latest(state, shardings, writer.info)
   source_tokens = np.zeros(len(datasets), np.int64)
   if start is not None:
-    state = checkpointer.restore(start, state, shardings)
     writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
   start = start or 0
   if start >= train_cfg.steps:

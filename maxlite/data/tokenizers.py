@@ -6,7 +6,9 @@ A prepared dataset records which one it used (`describe()`) and ships the file,
 so the trainer and the generator rebuild exactly the same tokenizer.
 """
 import hashlib
+import json
 import pathlib
+import shutil
 
 import numpy as np
 
@@ -144,10 +146,32 @@ def from_description(description: dict, folder) -> 'ByteTokenizer | SentencePiec
     return ByteTokenizer()
   path = pathlib.Path(folder) / description['file']
   if not path.is_file():
-    raise FileNotFoundError(f'tokenizer file {path} named in {pathlib.Path(folder) / "metadata.json"} is missing')
+    raise FileNotFoundError(f'tokenizer file {path}, recorded in {folder}, is missing')
   if file_sha256(path) != description['sha256']:
-    raise ValueError(f'tokenizer file {path} does not match the sha256 recorded in its metadata.json')
+    raise ValueError(f'tokenizer file {path} does not match the sha256 recorded beside it')
   if kind == 'hf':
     return HFTokenizer(path, description.get('bos_token') or '', description.get('eos_token') or '',
                        description.get('pad_token') or '')
   return load_tokenizer(kind, path)
+
+
+DESCRIPTION_FILE = 'tokenizer_description.json'
+
+
+def save_tokenizer(tokenizer, folder) -> dict:
+  """Writes the tokenizer's description and file into `folder` (a run's tokenizer/)."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  description = tokenizer.describe()
+  if tokenizer.path is not None and tokenizer.path.resolve() != (folder / tokenizer.path.name).resolve():
+    shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
+  (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + '\n')
+  return description
+
+
+def load_saved_tokenizer(folder):
+  """The tokenizer `save_tokenizer` wrote into `folder`."""
+  description_file = pathlib.Path(folder) / DESCRIPTION_FILE
+  if not description_file.is_file():
+    raise FileNotFoundError(f'{description_file} does not exist')
+  return from_description(json.loads(description_file.read_text()), folder)
