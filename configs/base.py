@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_interval = 100
   train.eval_steps = 4
   train.log_interval = 10
+  train.nonfinite = 'stop'  # a NaN/inf loss: stop naming the step | skip the update
+  train.max_skipped_in_a_row = 10  # nonfinite='skip': stop after this many skips in a row
   train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
 
   optim = config.optim = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ REMAT_POLICIES = ('none', 'full', 'save_matmuls')
 ATTENTION_BACKENDS = ('xla',)
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
+NONFINITE_POLICIES = ('stop', 'skip')
 
 
 class ConfigError(ValueError):
@@ -95,7 +96,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     _require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0')
   _require(train.log_interval >= 1, f'train.log_interval={train.log_interval} must be >= 1')
   _require(bool(train.run_dir), 'train.run_dir must be set')
-  _require(config.checkpoint.interval >= 0, f'checkpoint.interval={config.checkpoint.interval} must be >= 0')
+  _require(train.nonfinite in NONFINITE_POLICIES,
+           f'train.nonfinite={train.nonfinite!r} is not one of {NONFINITE_POLICIES}')
+  _require(train.max_skipped_in_a_row >= 1,
+           f'train.max_skipped_in_a_row={train.max_skipped_in_a_row} must be >= 1')
+  checkpoint = config.checkpoint
+  for field, least in (('interval', 0), ('max_to_keep', 1), ('keep_every', 0)):
+    _require(checkpoint[field] >= least, f'checkpoint.{field}={checkpoint[field]} must be >= {least}')
 
   _require(optim.lr > 0, f'optim.lr={optim.lr} must be > 0')
   _require(0 <= optim.min_lr <= optim.lr, f'optim.min_lr={optim.min_lr} must be in [0, optim.lr={optim.lr}]')

@@ -1,6 +1,7 @@
 """The optimizer: learning-rate schedules, global-norm clipping, AdamW with a decay mask."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -37,10 +38,16 @@ def decay_mask(logical_tree):
   return jax.tree.map(lambda logical: 'norm' not in tuple(logical), logical_tree)
 
 
-def make_optimizer(optim, total_steps: int, logical_tree) -> optax.GradientTransformation:
+def make_optimizer(optim, total_steps: int, logical_tree,
+                   skip_nonfinite: bool = False) -> optax.GradientTransformation:
+  """skip_nonfinite: a step whose gradients hold a NaN or inf leaves params and
+  optimizer state untouched (the train loop decides when to give up)."""
   schedule = learning_rate_schedule(optim, total_steps)
-  adamw = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay, mask=decay_mask(logical_tree))
+  tx = optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                   weight_decay=optim.weight_decay, mask=decay_mask(logical_tree))
   if optim.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(optim.grad_clip), adamw)
-  return adamw
+    tx = optax.chain(optax.clip_by_global_norm(optim.grad_clip), tx)
+  if skip_nonfinite:
+    # Never apply a non-finite update, however many come in a row.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
+  return tx

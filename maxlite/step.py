@@ -79,6 +79,8 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, settings: St
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
              'lr': schedule(state.step), 'tokens': count}
+  if isinstance(opt_state, optax.ApplyIfFiniteState):  # train.nonfinite='skip'
+    metrics['skipped_in_a_row'] = opt_state.notfinite_count
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

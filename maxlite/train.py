@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
-from maxlite import optim, state as state_lib, step as step_lib
+from maxlite import optim, preemption, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.llama import LlamaConfig
@@ -116,7 +116,9 @@ def train(config) -> list[dict]:
 
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
-  has_checkpoint = (run_dir / 'checkpoints').is_dir() and any((run_dir / 'checkpoints').iterdir())
+  checkpoints = run_dir / 'checkpoints'
+  # Orbax names a complete step by its number; an interrupted save has a suffix.
+  has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
   prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint)
   check_run_tokenizer(run_dir, tokenizer)
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +155,8 @@ def train(config) -> list[dict]:
 
   # -- state -----------------------------------------------------------------------
   _, _, logical = state_lib.abstract_model(model_cfg)
-  tx = optim.make_optimizer(config.optim, train_cfg.steps, logical)
+  tx = optim.make_optimizer(config.optim, train_cfg.steps, logical,
+                            skip_nonfinite=train_cfg.nonfinite == 'skip')
   with jax.set_mesh(mesh):
     graphdef, logical, state, shardings = state_lib.create_train_state(
         model_cfg, tx, mesh, config.seed, config.parallel.zero1)
@@ -226,9 +229,19 @@ def train(config) -> list[dict]:
     seconds = time.perf_counter() - interval_start
     first = step - len(fetched) + 1
     for offset, m in enumerate(fetched):
-      if not np.isfinite(m['loss']):
+      skipped_in_a_row = int(m.get('skipped_in_a_row', 0))
+      if np.isfinite(m['loss']) and not skipped_in_a_row:
+        continue
+      if train_cfg.nonfinite == 'stop':
         raise TrainingError(f'loss is {m["loss"]} at step {first + offset}; stopping '
-                            '(lower optim.lr or raise optim.warmup_steps)')
+                            '(lower optim.lr or raise optim.warmup_steps, or set '
+                            "train.nonfinite='skip')")
+      writer.info(f'warning: step {first + offset}: loss {m["loss"]}, non-finite gradients; '
+                  'the update was skipped')
+      if skipped_in_a_row >= train_cfg.max_skipped_in_a_row:
+        raise TrainingError(f'{skipped_in_a_row} updates in a row were skipped at step '
+                            f'{first + offset} (train.max_skipped_in_a_row='
+                            f'{train_cfg.max_skipped_in_a_row}); stopping')
     pending.clear()
     last = {k: float(v) for k, v in fetched[-1].items()}
     tokens_per_second = tokens_per_step * len(fetched) / seconds
@@ -261,29 +274,36 @@ def train(config) -> list[dict]:
 
   # -- loop --------------------------------------------------------------------------
   interval_start = time.perf_counter()
-  try:
-    for step in range(start + 1, train_cfg.steps + 1):
-      local_rows = next(data_iterator)
-      source_tokens += local_rows.pop('source_tokens')
-      batch = place_batch(local_rows, batch_sharding)
-      with jax.transfer_guard(train_cfg.transfer_guard):
-        state, step_metrics = compiled(state, batch)
-      pending.append(step_metrics)
-      is_last = step == train_cfg.steps
-      saving = checkpointer.should_save(step, train_cfg.steps)
-      flushing = saving or is_last or step % train_cfg.log_interval == 0
-      if flushing:
-        flush(step)  # before any save: never save a non-finite state
-      if train_cfg.eval_steps and (is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)):
-        evaluate(step)
-      if saving:
-        checkpointer.save(step, state, config_json, data_iterator.get_state(),
-                          {'source_tokens': global_counts(source_tokens).tolist()})
-      if flushing:
-        interval_start = time.perf_counter()  # eval and save time are not step time
-  finally:
-    checkpointer.close()
-    writer.close()
+  with preemption.StopSignal() as stop_signal:
+    try:
+      for step in range(start + 1, train_cfg.steps + 1):
+        local_rows = next(data_iterator)
+        source_tokens += local_rows.pop('source_tokens')
+        batch = place_batch(local_rows, batch_sharding)
+        with jax.transfer_guard(train_cfg.transfer_guard):
+          state, step_metrics = compiled(state, batch)
+        pending.append(step_metrics)
+        is_last = step == train_cfg.steps
+        at_log_step = is_last or step % train_cfg.log_interval == 0
+        stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)
+        saving = stopping or checkpointer.should_save(step, train_cfg.steps)
+        flushing = saving or at_log_step
+        if flushing:
+          flush(step)  # before any save: never save a non-finite state
+        if train_cfg.eval_steps and (is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)):
+          evaluate(step)
+        if saving:
+          checkpointer.save(step, state, config_json, data_iterator.get_state(),
+                            {'source_tokens': global_counts(source_tokens).tolist()})
+        if stopping:
+          writer.info(f'{stop_signal.received or "a stop signal"} received: saved step {step} of '
+                      f'{train_cfg.steps}; run the same command again to resume')
+          break
+        if flushing:
+          interval_start = time.perf_counter()  # eval and save time are not step time
+    finally:
+      checkpointer.close()  # waits for the last save to be on disk
+      writer.close()
   return history
 
 

@@ -17,7 +17,7 @@ CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m}
 
 # The snapshot of every knob; adding or removing one must be a deliberate edit here.
 BASE_KEYS = [
-    'checkpoint.interval', 'checkpoint.max_to_keep', 'checkpoint.keep_every', 'checkpoint.async_save',
+    'checkpoint.async_save', 'checkpoint.interval', 'checkpoint.keep_every', 'checkpoint.max_to_keep',
     'data.bos_aligned', 'data.cache_dir', 'data.embedded_max_bytes', 'data.mixing',
     'data.packing', 'data.read_threads', 'data.row_shuffle_window', 'data.seq_len',
     'data.shuffle', 'data.source', 'data.val_fraction', 'data.worker_buffer_size',
@@ -33,8 +33,8 @@ BASE_KEYS = [
     'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
-    'train.log_interval', 'train.micro_batch_size', 'train.run_dir', 'train.steps',
-    'train.transfer_guard',
+    'train.log_interval', 'train.max_skipped_in_a_row', 'train.micro_batch_size',
+    'train.nonfinite', 'train.run_dir', 'train.steps', 'train.transfer_guard',
 ]
 
 
@@ -90,6 +90,10 @@ BROKEN = [
     ({'train.eval_steps': -1}, 8, r'train\.eval_steps=-1 must be >= 0'),
     ({'train.log_interval': 0}, 8, r'train\.log_interval=0 must be >= 1'),
     ({'train.run_dir': ''}, 8, r'train\.run_dir must be set'),
+    ({'train.nonfinite': 'ignore'}, 8, r"train\.nonfinite='ignore' is not one of \('stop', 'skip'\)"),
+    ({'train.max_skipped_in_a_row': 0}, 8, r'train\.max_skipped_in_a_row=0 must be >= 1'),
+    ({'checkpoint.max_to_keep': 0}, 8, r'checkpoint\.max_to_keep=0 must be >= 1'),
+    ({'checkpoint.keep_every': -1}, 8, r'checkpoint\.keep_every=-1 must be >= 0'),
     ({'checkpoint.interval': -1}, 8, r'checkpoint\.interval=-1 must be >= 0'),
     ({'optim.lr': 0.0}, 8, r'optim\.lr=0\.0 must be > 0'),
     ({'optim.lr': -0.1}, 8, r'optim\.lr=-0\.1 must be > 0'),
