@@ -86,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   checkpoint.max_to_keep = 3  # the newest N are kept ...
   checkpoint.keep_every = 0  # ... plus every step that is a multiple of this, forever; 0: none
   checkpoint.async_save = True  # write in the background while training goes on
+  # A Hugging Face Llama folder (config.json + safetensors) whose weights start
+  # a new run; ignored once the run has a checkpoint of its own.
+  checkpoint.init_from_hf = ''
 
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics

@@ -72,6 +72,16 @@ def create_train_state(cfg: LlamaConfig, tx, mesh, seed: int, zero1: bool):
   return graphdef, logical, state, shardings
 
 
+def state_from_params(params, tx, shardings: TrainState) -> TrainState:
+  """A step-0 train state around given parameters (host arrays, e.g. imported)."""
+  params = jax.device_put(params, shardings.params)
+
+  def init(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+
+
 def bytes_per_device(tree, shardings) -> int:
   """Bytes one device holds for a sharded pytree (shards are equal-sized here)."""
   total = 0

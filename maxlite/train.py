@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
-from maxlite import optim, preemption, state as state_lib, step as step_lib
+from maxlite import hf, optim, preemption, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.llama import LlamaConfig
@@ -113,6 +113,11 @@ def train(config) -> list[dict]:
                                  f'{jax.process_count()} processes')
   data = config.data
   datasets, tokenizer = open_data(data, model_cfg.vocab_size)  # before anything is written
+  if config.checkpoint.init_from_hf:
+    try:
+      hf.check_config(config.checkpoint.init_from_hf, model_cfg)
+    except (ValueError, OSError) as error:
+      raise config_lib.ConfigError(f'checkpoint.init_from_hf: {error}') from None
 
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
@@ -188,6 +193,10 @@ def train(config) -> list[dict]:
   source_tokens = np.zeros(len(datasets), np.int64)
   if start is not None:
     writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
+  elif config.checkpoint.init_from_hf:  # the run's own checkpoint always wins
+    imported = hf.import_params(config.checkpoint.init_from_hf, model_cfg)
+    state = state_lib.state_from_params(imported, tx, shardings)
+    writer.info(f'initialised the parameters from {config.checkpoint.init_from_hf}')
   start = start or 0
   if start >= train_cfg.steps:
     writer.info(f'{run_dir} is already complete at step {start} of {train_cfg.steps}; pass '

@@ -17,7 +17,8 @@ CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m}
 
 # The snapshot of every knob; adding or removing one must be a deliberate edit here.
 BASE_KEYS = [
-    'checkpoint.async_save', 'checkpoint.interval', 'checkpoint.keep_every', 'checkpoint.max_to_keep',
+    'checkpoint.async_save', 'checkpoint.init_from_hf', 'checkpoint.interval', 'checkpoint.keep_every',
+    'checkpoint.max_to_keep',
     'data.bos_aligned', 'data.cache_dir', 'data.embedded_max_bytes', 'data.mixing',
     'data.packing', 'data.read_threads', 'data.row_shuffle_window', 'data.seq_len',
     'data.shuffle', 'data.source', 'data.val_fraction', 'data.worker_buffer_size',

@@ -114,3 +114,28 @@ def test_weight_decay_shrinks_kernels_not_norm_scales():
   lr0 = cfg.lr / cfg.warmup_steps  # the first warmup step
   np.testing.assert_array_equal(new['final_norm']['scale'], params['final_norm']['scale'])
   np.testing.assert_allclose(new['mlp']['kernel'], 2.0 - lr0 * cfg.weight_decay * 2.0, rtol=1e-6)
+
+
+def test_skip_nonfinite_leaves_params_and_moments_untouched_then_resumes():
+  logical = {'w': P('embed', 'mlp'), 'scale': P('norm')}
+  params = {'w': jnp.ones((4, 3)), 'scale': jnp.ones((3,))}
+  tx = optim.make_optimizer(optim_config(grad_clip=1.0), TOTAL, logical, skip_nonfinite=True)
+  opt_state = tx.init(params)
+  finite = {'w': jnp.full((4, 3), 0.5), 'scale': jnp.full((3,), 0.5)}
+  updates, opt_state = tx.update(finite, opt_state, params)
+  params = jax.tree.map(jnp.add, params, updates)
+
+  poisoned = {'w': finite['w'].at[1, 2].set(jnp.nan), 'scale': finite['scale']}
+  skipped_updates, skipped_state = tx.update(poisoned, opt_state, params)
+  assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(skipped_updates))
+  assert int(skipped_state.notfinite_count) == 1
+  for kept, before in zip(jax.tree.leaves(skipped_state.inner_state), jax.tree.leaves(opt_state.inner_state)):
+    np.testing.assert_array_equal(kept, before)
+
+  # The next finite step updates as if the poisoned one never happened.
+  after_skip, state_after_skip = tx.update(finite, skipped_state, params)
+  direct, _ = tx.update(finite, opt_state, params)
+  assert int(state_after_skip.notfinite_count) == 0
+  for a, b in zip(jax.tree.leaves(after_skip), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(a, b)
+    assert np.all(np.asarray(a) != 0)
