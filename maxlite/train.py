@@ -28,6 +28,9 @@ from maxlite.model.llama import LlamaConfig
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 
 
+_MAX_STEPS_IN_FLIGHT = 4
+
+
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, an existing run_dir); printed as one line."""
 
@@ -292,6 +295,10 @@ def train(config) -> list[dict]:
         with jax.transfer_guard(train_cfg.transfer_guard):
           state, step_metrics = compiled(state, batch)
         pending.append(step_metrics)
+        if len(pending) > _MAX_STEPS_IN_FLIGHT:
+          # Bound the queue of dispatched steps: a deep queue of collectives can
+          # time out on the CPU backend. The step waited on is long done on a GPU.
+          pending[-_MAX_STEPS_IN_FLIGHT - 1]['loss'].block_until_ready()
         is_last = step == train_cfg.steps
         at_log_step = is_last or step % train_cfg.log_interval == 0
         stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)

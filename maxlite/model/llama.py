@@ -1,12 +1,17 @@
 """The Llama decoder: embedding, a stack of scanned blocks, final norm, LM head.
 
 Shape legend: B batch, T length, D hidden, N query heads, K kv heads, H head
-dim, V vocab, L layers.
+dim, V vocab, L layers, S KV-cache slots.
 
 The blocks' parameters are stacked along a leading 'layers' dimension and run
 with one `lax.scan`, so compile time does not grow with depth.
+
+`Llama.decode` is the same forward pass with a KV cache (for generation): the
+only difference is inside `Attention`, which writes each token's keys and
+values into the cache and attends to the cache instead of to its own tokens.
 """
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,7 @@ REMAT_POLICIES = {
 }
 
 RESIDUAL = P('batch', 'residual_length', 'embed')
+CACHE = P('layers', 'batch', 'length', 'kv_heads', 'head_dim')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,32 @@ class LlamaConfig:
     return cls(**values)
 
 
+class KVCache(NamedTuple):
+  """Keys and values of every layer; slot s of row b holds row b's token at position s.
+
+  Slot = position, so writing never needs a per-row pointer, and a query
+  attends to exactly the slots at or before its own position: slots past it
+  may hold stale values (prompt padding) that are overwritten before they are
+  ever visible.
+  """
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+
+  @classmethod
+  def zeros(cls, cfg: 'LlamaConfig', batch: int, length: int, dtype) -> 'KVCache':
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  def write(self, layer, k_BTKH, v_BTKH, positions_BT) -> 'KVCache':
+    # A scatter into the whole cache (not a per-layer copy), so that XLA updates
+    # the loop-carried buffer in place.
+    rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
+    def put(cache_LBSKH, new_BTKH):
+      new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
+      return constrain(cache_LBSKH.at[layer, rows_B1, positions_BT].set(new_BTKH), CACHE)
+    return KVCache(put(self.k_LBSKH, k_BTKH), put(self.v_LBSKH, v_BTKH))
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs):
@@ -65,14 +97,23 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.backend = cfg.attention
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
+    """Returns (output, cache); with a cache, this layer's slots of it are updated."""
     q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
     k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
     v_BTKH = self.v(x_BTD)
     q_BTNH = constrain(q_BTNH, P('batch', 'length', 'heads', 'head_dim'))
-    out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
-                         causal=True, backend=self.backend)
-    return self.o(out_BTNH)
+    if cache is None:
+      out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                           causal=True, backend=self.backend)
+    else:
+      cache = cache.write(layer, k_BTKH, v_BTKH, positions_BT)
+      batch, slots = cache.k_LBSKH.shape[1:3]
+      slots_BS = jnp.broadcast_to(jnp.arange(slots, dtype=positions_BT.dtype), (batch, slots))
+      out_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], segment_ids_BT,
+                           positions_BT, causal=True, backend=self.backend,
+                           kv_segment_ids_BS=jnp.ones_like(slots_BS), kv_positions_BS=slots_BS)
+    return self.o(out_BTNH), cache
 
 
 class Block(nnx.Module):
@@ -85,10 +126,12 @@ class Block(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, std=cfg.init_std,
                              dtype=cfg.param_dtype, rngs=rngs)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
-    x_BTD = x_BTD + self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT)
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
+    attended_BTD, cache = self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT,
+                                         cache, layer)
+    x_BTD = x_BTD + attended_BTD
     x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-    return constrain(x_BTD, RESIDUAL)
+    return constrain(x_BTD, RESIDUAL), cache
 
 
 def stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
@@ -121,26 +164,41 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
+    logits_BTV, _ = self._forward(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    return logits_BTV
+
+  def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
+    """(logits [B, T, V], cache) for tokens at positions_BT that continue what
+    the cache holds: each row's tokens go into the slots named by their
+    positions and see the slots up to their own. One call fills the cache with
+    a (right-padded) prompt; later calls add one token per row."""
+    return self._forward(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache, compute_dtype)
+
+  def _forward(self, tokens_BT, segment_ids_BT, positions_BT, cache, compute_dtype):
     x_BTD = constrain(self.embed(tokens_BT, compute_dtype), RESIDUAL)
-    x_BTD = self._run_blocks(x_BTD, segment_ids_BT, positions_BT)
+    x_BTD, cache = self._run_blocks(x_BTD, segment_ids_BT, positions_BT, cache)
     x_BTD = self.final_norm(x_BTD)
     if self.cfg.tie_embeddings:
-      return self.embed.attend(x_BTD)
-    return self.lm_head(x_BTD).astype(jnp.promote_types(compute_dtype, jnp.float32))
+      return self.embed.attend(x_BTD), cache
+    return self.lm_head(x_BTD).astype(jnp.promote_types(compute_dtype, jnp.float32)), cache
 
-  def _run_blocks(self, x_BTD, segment_ids_BT, positions_BT):
+  def _run_blocks(self, x_BTD, segment_ids_BT, positions_BT, cache):
     graphdef, stacked = nnx.split(self.blocks)
 
-    def one_block(x_BTD, layer_state):
+    # The cache rides in the carry, not in xs/ys, so that it is updated in place.
+    def one_block(carry, layer_state_and_index):
+      x_BTD, cache = carry
+      layer_state, layer = layer_state_and_index
       block = nnx.merge(graphdef, layer_state)
-      return block(x_BTD, segment_ids_BT, positions_BT), None
+      return block(x_BTD, segment_ids_BT, positions_BT, cache, layer), None
 
     if self.cfg.remat != 'none':
       one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],
                                  prevent_cse=not self.cfg.scan_layers)
     if self.cfg.scan_layers:
-      x_BTD, _ = jax.lax.scan(one_block, x_BTD, stacked)
+      (x_BTD, cache), _ = jax.lax.scan(one_block, (x_BTD, cache),
+                                       (stacked, jnp.arange(self.cfg.num_layers)))
     else:  # unrolled: longer compiles, sometimes faster steps
       for i in range(self.cfg.num_layers):
-        x_BTD, _ = one_block(x_BTD, jax.tree.map(lambda a: a[i], stacked))
-    return x_BTD
+        (x_BTD, cache), _ = one_block((x_BTD, cache), (jax.tree.map(lambda a: a[i], stacked), i))
+    return x_BTD, cache
