@@ -238,8 +238,7 @@ def test_a_trained_model_continues_stdlib_source(trained_run):
 
 def run_cli(*args):
   env = dict(os.environ)  # one CPU device: the checkpoint was written on eight
-  env['XLA_FLAGS'] = env.get('XLA_FLAGS', '').replace(
-      '--xla_force_host_platform_device_count=8', '')
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
   env['JAX_PLATFORMS'] = 'cpu'
   return subprocess.run([sys.executable, '-m', 'maxlite.generate', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=120)
