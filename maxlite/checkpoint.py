@@ -174,11 +174,14 @@ def read_config(run_dir, step: int | None = None) -> tuple[int, ml_collections.C
   return step, ml_collections.ConfigDict(json.loads(config_file.read_text()))
 
 
-def load_params(run_dir, step: int, abstract_params):
-  """Only the parameters of checkpoint `step` (no optimizer state), placed as
-  `abstract_params` (ShapeDtypeStructs with shardings) asks."""
+def load_params(run_dir, step: int, abstract_params, shardings):
+  """Only the parameters of checkpoint `step` (no optimizer state), in the
+  shapes of `abstract_params`, placed by `shardings` (a matching tree, or one
+  Sharding for every array)."""
   _, folder = _step_folder(run_dir, step)
-  target = {'params': abstract_params}
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract_params)
+  target = {'params': _abstract(abstract_params, shardings)}
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

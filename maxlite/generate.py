@@ -196,9 +196,7 @@ def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, 
   mesh = tensor_mesh(devices)
   _, abstract, logical = state_lib.abstract_model(cfg)
   shardings = mesh_lib.tree_shardings(mesh, logical, abstract)
-  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
-  params = checkpoint.load_params(run_dir, step, target)
+  params = checkpoint.load_params(run_dir, step, abstract, shardings)
   sampler = Sampler(cfg, params, mesh, max_seq_len=config.model.max_seq_len,
                     compute_dtype=compute_dtype)
   return step, sampler, tokenizer

@@ -329,10 +329,9 @@ def export(run_dir, out_dir, step: int | None = None, dtype: str = 'float32', lo
   _check_out_dir(out_dir)
   step, config = checkpoint.read_config(run_dir, step)
   cfg = LlamaConfig.from_config(config.model)
-  sharding = jax.sharding.SingleDeviceSharding(_host_device())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          state_lib.abstract_model(cfg)[1])
-  params = jax.device_get(checkpoint.load_params(run_dir, step, abstract))
+  params = jax.device_get(checkpoint.load_params(
+      run_dir, step, state_lib.abstract_model(cfg)[1],
+      jax.sharding.SingleDeviceSharding(_host_device())))
   tokenizer_dir = run_dir / 'tokenizer'
   tokenizer = None
   if (tokenizer_dir / tokenizers.DESCRIPTION_FILE).is_file():

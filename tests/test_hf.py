@@ -84,10 +84,8 @@ def checkpoint_model(run_dir):
   """(LlamaConfig, params) of a run's newest checkpoint, read without maxlite.hf."""
   step, config = checkpoint.read_config(run_dir)
   cfg = LlamaConfig.from_config(config.model)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          state_lib.abstract_model(cfg)[1])
-  return cfg, checkpoint.load_params(run_dir, step, abstract)
+  return cfg, checkpoint.load_params(run_dir, step, state_lib.abstract_model(cfg)[1],
+                                     jax.sharding.SingleDeviceSharding(jax.devices()[0]))
 
 
 @pytest.mark.parametrize('variant', ['untied', 'tied'])
