@@ -48,6 +48,11 @@ def get_config() -> ml_collections.ConfigDict:
   data.cache_dir = ''  # embedded corpus cache; '': $XDG_CACHE_HOME/maxlite or ~/.cache/maxlite
   data.embedded_max_bytes = 8_000_000  # cap on corpus size read from the stdlib
   data.val_fraction = 0.02  # embedded only: prepared datasets carry their own validation split
+  # Independent loader streams that make up a global batch, each reading its
+  # own slice of the documents; every process runs those whose rows it holds.
+  # 0: one per process. A fixed count gives the same batches on any number of
+  # processes that divides it, so a run also resumes exactly on another count.
+  data.loader_shards = 0
 
   train = config.train = ml_collections.ConfigDict()
   train.run_dir = 'runs/base'
@@ -89,6 +94,12 @@ def get_config() -> ml_collections.ConfigDict:
   # A Hugging Face Llama folder (config.json + safetensors) whose weights start
   # a new run; ignored once the run has a checkpoint of its own.
   checkpoint.init_from_hf = ''
+
+  # How processes find each other (maxlite/distributed.py): auto | slurm | env | none.
+  distributed = config.distributed = ml_collections.ConfigDict()
+  distributed.mode = 'auto'
+  distributed.init_timeout_s = 300  # wait this long for the coordinator and every process
+  distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: the others stop
 
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics

@@ -4,7 +4,7 @@ A checkpoint step holds four items:
   state          params, optimizer state and step (the train step draws no
                  random numbers, so there is no RNG state beyond config.seed
                  and the data loader's own state)
-  data           the Grain loader state, one JSON file per process
+  data           the Grain loader state of each loader shard, one JSON file per process
   data_progress  tokens read per source, summed over processes
   config         the resolved config as JSON, so a run directory stands alone
 
@@ -27,21 +27,17 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from maxlite import distributed
+
 
 class _FrozenState:
-  """What Grain's checkpoint handler saves and restores: the loader state as JSON bytes."""
+  """What Grain's checkpoint handler saves: the loader state as JSON bytes."""
 
-  def __init__(self, state: bytes = b''):
+  def __init__(self, state: bytes):
     self.state = state
 
   def get_state(self) -> bytes:
     return self.state
-
-  def set_state(self, state: bytes):
-    self.state = state
-
-  def start_prefetch(self):
-    pass
 
 
 def checkpoint_dir(run_dir) -> pathlib.Path:
@@ -114,27 +110,31 @@ class Checkpointer:
     if jax.process_index() == 0:
       aside.parent.mkdir(parents=True, exist_ok=True)
       shutil.move(folder, aside)
-    _sync(f'maxlite_move_aside_{step}')
+    distributed.barrier(f'maxlite_move_aside_{step}')
     self.manager.reload()
     return aside
 
   def restore_data(self, step: int) -> tuple[dict | None, dict | None]:
-    """(this process's loader state, the global data progress) saved at `step`.
+    """(the loader state of every shard, the global data progress) saved at `step`.
 
-    The loader state is None when the checkpoint was written by a different
-    number of processes (or holds none): each process's state describes its
-    own slice of the documents and does not carry over to another split.
+    Each process saved the states of its own loader shards; they are merged
+    here, so a process can pick up shards that another process count ran.
     """
     folder = pathlib.Path(self.manager.directory) / str(step)
-    own_file = folder / 'data' / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
     if not (folder / 'data_progress').is_dir():
       return None, None
-    args = {'data_progress': ocp.args.JsonRestore()}
-    if own_file.is_file():
-      args['data'] = grain.checkpoint.CheckpointRestore(_FrozenState())
-    restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-    loader_state = json.loads(restored.data.state) if own_file.is_file() else None
-    return loader_state, restored.data_progress
+    restored = self.manager.restore(step, args=ocp.args.Composite(data_progress=ocp.args.JsonRestore()))
+    merged = None
+    # Grain's handler writes one process_<i>-of-<n>.json per process; it only
+    # reads back the caller's own, so the files are read here directly.
+    for state_file in sorted((folder / 'data').glob('process_*-of-*.json')):
+      state = json.loads(state_file.read_text())
+      if 'shards' not in state:
+        return None, restored.data_progress
+      merged = merged or {'num_shards': state['num_shards'], 'shards': {}}
+      if state['num_shards'] == merged['num_shards']:
+        merged['shards'].update(state['shards'])
+    return merged, restored.data_progress
 
   def close(self):
     self.manager.wait_until_finished()
@@ -144,12 +144,6 @@ class Checkpointer:
 def _first_line(error: BaseException) -> str:
   text = str(error).strip().splitlines()
   return text[0][:200] if text else ''
-
-
-def _sync(name: str):
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def _step_folder(run_dir, step: int | None) -> tuple[int, pathlib.Path]:

@@ -15,6 +15,7 @@ ATTENTION_BACKENDS = ('xla',)
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
 NONFINITE_POLICIES = ('stop', 'skip')
+DISTRIBUTED_MODES = ('auto', 'slurm', 'env', 'none')
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
                        ('row_shuffle_window', 0)):
     _require(data[field] >= least, f'data.{field}={data[field]} must be >= {least}')
   _require(0 < data.val_fraction < 1, f'data.val_fraction={data.val_fraction} must be in (0, 1)')
+  _require(data.loader_shards >= 0, f'data.loader_shards={data.loader_shards} must be >= 0 (0: one per process)')
 
   _require(train.steps >= 1, f'train.steps={train.steps} must be >= 1')
   _require(train.micro_batch_size >= 1, f'train.micro_batch_size={train.micro_batch_size} must be >= 1')
@@ -117,6 +119,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f'optim.b1={optim.b1} and optim.b2={optim.b2} must be in [0, 1)')
   _require(optim.eps > 0, f'optim.eps={optim.eps} must be > 0')
   _require(optim.grad_clip >= 0, f'optim.grad_clip={optim.grad_clip} must be >= 0 (0 disables)')
+
+  dist = config.distributed
+  _require(dist.mode in DISTRIBUTED_MODES, f'distributed.mode={dist.mode!r} is not one of {DISTRIBUTED_MODES}')
+  for field in ('init_timeout_s', 'heartbeat_timeout_s'):
+    _require(dist[field] >= 1, f'distributed.{field}={dist[field]} must be >= 1')
 
   sizes = mesh_shape(config.parallel, num_devices)
   _require(sizes['pipeline'] == 1, f'parallel.pipeline={sizes["pipeline"]}: pipeline parallelism is not supported yet')

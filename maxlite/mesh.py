@@ -37,10 +37,38 @@ ZERO1_RULES = {**LOGICAL_AXIS_RULES, 'embed': ('fsdp', 'data')}
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
-  """A mesh over all devices; later axes vary fastest, so tensor stays within a host."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
+  """A mesh over all devices, process by process; later axes vary fastest.
+
+  Devices are ordered by process, then id, and the axes data, fsdp, tensor
+  are laid out outermost first. So with several hosts the outer axes (data,
+  then fsdp) are the ones that cross hosts, and a tensor group stays within
+  a host as long as `tensor` divides the devices per host.
+  """
+  devices = jax.devices() if devices is None else devices
+  devices = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)))
   shape = tuple(sizes[axis] for axis in MESH_AXES)
   return Mesh(devices.reshape(shape), MESH_AXES)
+
+
+def tensor_crosses_processes(mesh: Mesh) -> bool:
+  """Whether some tensor-parallel group has devices in more than one process."""
+  groups = np.moveaxis(mesh.devices, mesh.axis_names.index('tensor'), -1).reshape(-1, mesh.shape['tensor'])
+  return any(len({d.process_index for d in group}) > 1 for group in groups)
+
+
+def batch_rows_by_process(sharding: NamedSharding, shape: tuple[int, ...]) -> dict[int, tuple[int, int]]:
+  """{process index: (first, end)} rows of a batch that the process's devices hold.
+
+  Processes whose devices differ only along replicated axes (tensor, say)
+  hold the same rows; with the mesh laid out by make_mesh each process's rows
+  are one contiguous block.
+  """
+  rows: dict[int, tuple[int, int]] = {}
+  for device, index in sharding.devices_indices_map(tuple(shape)).items():
+    start, stop, _ = index[0].indices(shape[0])
+    first, end = rows.get(device.process_index, (start, stop))
+    rows[device.process_index] = (min(first, start), max(end, stop))
+  return rows
 
 
 def logical_to_spec(logical: P, shape: tuple[int, ...], mesh_sizes: Mapping[str, int],

@@ -20,7 +20,7 @@ from ml_collections import config_flags
 from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
-from maxlite import hf, optim, preemption, state as state_lib, step as step_lib
+from maxlite import distributed, hf, optim, preemption, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.llama import LlamaConfig
@@ -35,31 +35,54 @@ class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, an existing run_dir); printed as one line."""
 
 
-def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool, has_checkpoint: bool):
-  """Resume what is there, or move it aside when asked; never overwrite it."""
-  if not run_dir.exists() or not any(run_dir.iterdir()):
-    return
+def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool):
+  """Resume what is there, or move it aside when asked; never overwrite it.
+
+  Returns whether there is a checkpoint to resume. Every process looks before
+  any of them changes the directory, so they all decide alike.
+  """
+  checkpoints = run_dir / 'checkpoints'
+  # Orbax names a complete step by its number; an interrupted save has a suffix.
+  has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+  occupied = run_dir.exists() and any(run_dir.iterdir())
+  distributed.barrier('maxlite_run_dir_inspected')
+  if not occupied:
+    return False
   if fresh_start:
     aside = run_dir.with_name(f'{run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
     if jax.process_index() == 0:
       shutil.move(run_dir, aside)
     print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
-  elif not has_checkpoint:
+    return False
+  if not has_checkpoint:
     raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
                         'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
+  return True
 
 
-def place_batch(local_rows: dict, sharding) -> dict:
+def place_batch(local_rows: dict, sharding, global_rows: int) -> dict:
   """This process's rows of a batch -> global arrays laid out as the step wants them."""
-  return {name: jax.make_array_from_process_local_data(
-      sharding, x, (x.shape[0] * jax.process_count(), *x.shape[1:])) for name, x in local_rows.items()}
+  return {name: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+          for name, x in local_rows.items()}
 
 
-def own_rows(global_batch: dict) -> dict:
-  """This process's share of a batch that every process holds whole."""
-  rows = next(iter(global_batch.values())).shape[0] // jax.process_count()
-  lo = jax.process_index() * rows
-  return {name: x[lo:lo + rows] for name, x in global_batch.items()}
+def loader_shards(rows_by_process: dict, global_batch: int, configured: int) -> tuple[list[int], int]:
+  """(this process's loader shards, how many there are) for the rows its devices hold.
+
+  By default there is one shard per distinct block of rows, i.e. one per
+  process. A fixed data.loader_shards makes the batches independent of the
+  process count, so a run resumes exactly on another number of hosts.
+  """
+  blocks = sorted(set(rows_by_process.values()))
+  num_shards = configured or len(blocks)
+  first, end = rows_by_process[jax.process_index()]
+  rows_per_shard = global_batch // num_shards
+  if global_batch % num_shards or first % rows_per_shard or end % rows_per_shard:
+    raise config_lib.ConfigError(
+        f'data.loader_shards={num_shards} does not fit the batch: each of the {len(blocks)} '
+        f'blocks of the global batch {global_batch} that the processes hold (rows {blocks}) '
+        'must be a whole number of shards')
+  return list(range(first // rows_per_shard, end // rows_per_shard)), num_shards
 
 
 def global_counts(local: np.ndarray) -> np.ndarray:
@@ -104,6 +127,7 @@ def train(config) -> list[dict]:
   # -- platform --------------------------------------------------------------
   if config.platform:
     jax.config.update('jax_platforms', config.platform)
+  distributed.initialize(config.distributed)  # before anything touches a device
   if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
     jax.config.update('jax_enable_x64', True)
   mesh_sizes = config_lib.validate(config, jax.device_count())
@@ -111,9 +135,6 @@ def train(config) -> list[dict]:
   train_cfg = config.train
   seq_len = config.data.seq_len
   global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
-  if global_batch % jax.process_count():
-    raise config_lib.ConfigError(f'the global batch {global_batch} is not divisible by the '
-                                 f'{jax.process_count()} processes')
   data = config.data
   datasets, tokenizer = open_data(data, model_cfg.vocab_size)  # before anything is written
   if config.checkpoint.init_from_hf:
@@ -124,11 +145,9 @@ def train(config) -> list[dict]:
 
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
-  checkpoints = run_dir / 'checkpoints'
-  # Orbax names a complete step by its number; an interrupted save has a suffix.
-  has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-  prepare_run_dir(run_dir, train_cfg.fresh_start, has_checkpoint)
-  check_run_tokenizer(run_dir, tokenizer)
+  if prepare_run_dir(run_dir, train_cfg.fresh_start):
+    check_run_tokenizer(run_dir, tokenizer)
+  distributed.barrier('maxlite_run_dir_checked')  # before process 0 writes to it
   run_dir.mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
   if jax.process_index() == 0:
@@ -140,10 +159,22 @@ def train(config) -> list[dict]:
   device_kind = jax.devices()[0].device_kind
   writer.info(f'mesh: {dict(mesh.shape)} over {jax.device_count()} x {device_kind} '
               f'in {jax.process_count()} process(es)')
+  if mesh_lib.tensor_crosses_processes(mesh) and jax.local_device_count() > 1:
+    writer.info(f'warning: parallel.tensor={mesh_sizes["tensor"]} spans processes '
+                f'({jax.local_device_count()} devices each); tensor-parallel collectives '
+                'will cross hosts, which is slow')
 
   # -- data ----------------------------------------------------------------------
+  batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (global_batch, seq_len))
+  rows_by_process = mesh_lib.batch_rows_by_process(batch_sharding, (global_batch, seq_len))
+  own_first, own_end = rows_by_process[jax.process_index()]
+  shard_indices, num_shards = loader_shards(rows_by_process, global_batch, data.loader_shards)
+  # Processes holding the same rows (tensor across hosts) read the same shards;
+  # the first of them counts their tokens.
+  counts_tokens = jax.process_index() == min(p for p, rows in rows_by_process.items()
+                                             if rows == (own_first, own_end))
   loader_settings = pipeline.LoaderSettings(
-      seq_len=seq_len, batch_size=global_batch // jax.process_count(), packing=data.packing,
+      seq_len=seq_len, batch_size=global_batch // num_shards, packing=data.packing,
       bos_aligned=data.bos_aligned, mixing=data.mixing, shuffle=data.shuffle,
       row_shuffle_window=data.row_shuffle_window, seed=config.seed,
       worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size,
@@ -155,9 +186,11 @@ def train(config) -> list[dict]:
     writer.info(f'data: {dataset.folder} ({dataset.meta["tokenizer"]["kind"]} tokenizer): '
                 f'{dataset.split("train")["tokens"]:,} train / {dataset.split("validation")["tokens"]:,} '
                 f'validation tokens' + (f', weight {dataset.weight}' if dataset.weight else ''))
+  # Validation batches are whole micro-batches that every process holds; each places its rows.
+  val_first, val_end = mesh_lib.batch_rows_by_process(
+      batch_sharding, (train_cfg.micro_batch_size, seq_len))[jax.process_index()]
   writer.info(f'data: batch {global_batch} x {seq_len}, {data.packing} packing, '
-              f'{len(val_batches)} validation batches')
-  batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (global_batch, seq_len))
+              f'{len(val_batches)} validation batches, {num_shards} loader shard(s)')
   batch_shapes = {name: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=batch_sharding)
                   for name in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
 
@@ -209,16 +242,18 @@ def train(config) -> list[dict]:
   loader_state, progress = checkpointer.restore_data(start) if start else (None, None)
   if progress and jax.process_index() == 0:  # counters are per process; their sum is global
     source_tokens[:] = progress['source_tokens']
-  if start and loader_state is None:
-    # Each process's loader state covers its own slice of the documents, so it
-    # does not carry over to another process count: start a fresh shuffle instead.
+  data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
+  if start and not data_iterator.can_restore(loader_state):
+    # A shard's state covers its own slice of the documents, so it does not
+    # carry over to another number of shards: start a fresh shuffle instead.
     loader_settings = dataclasses.replace(loader_settings, seed=config.seed + start)
-    writer.info(f'data: no loader state for {jax.process_count()} process(es) at step {start}; '
-                'starting a fresh shuffle (documents of the interrupted epoch may repeat or be skipped)')
-  data_iterator = iter(pipeline.train_loader(datasets, loader_settings, jax.process_index(),
-                                             jax.process_count()))
-  if loader_state is not None:
-    data_iterator.set_state(pipeline.state_from_json(loader_state))
+    data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
+    saved = loader_state['num_shards'] if loader_state else 'no'
+    writer.info(f'data: the checkpoint at step {start} has {saved} loader shards, this run '
+                f'{num_shards}; starting a fresh shuffle (documents of the interrupted epoch may '
+                'repeat or be skipped; a fixed data.loader_shards avoids this)')
+  elif start:
+    data_iterator.set_state(loader_state)
     writer.info(f'data: the loader continues from its state at step {start}')
 
   # -- ahead-of-time compile -------------------------------------------------------
@@ -278,7 +313,9 @@ def train(config) -> list[dict]:
     history.append({'step': step, **record})
 
   def evaluate(step: int):
-    sums = [eval_step(state.params, place_batch(own_rows(b), batch_sharding)) for b in val_batches]
+    sums = [eval_step(state.params, place_batch({k: x[val_first:val_end] for k, x in b.items()},
+                                                batch_sharding, train_cfg.micro_batch_size))
+            for b in val_batches]
     ce, count = np.sum(jax.device_get(sums), axis=0)
     val_loss = float(ce / max(count, 1))
     writer.write(step, {'val_loss': val_loss}, f'step {step:>6}/{train_cfg.steps}  val_loss {val_loss:.4f}')
@@ -290,8 +327,8 @@ def train(config) -> list[dict]:
     try:
       for step in range(start + 1, train_cfg.steps + 1):
         local_rows = next(data_iterator)
-        source_tokens += local_rows.pop('source_tokens')
-        batch = place_batch(local_rows, batch_sharding)
+        source_tokens += local_rows.pop('source_tokens') * counts_tokens
+        batch = place_batch(local_rows, batch_sharding, global_batch)
         with jax.transfer_guard(train_cfg.transfer_guard):
           state, step_metrics = compiled(state, batch)
         pending.append(step_metrics)
@@ -331,7 +368,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
   try:
     train(_CONFIG.value)
-  except (config_lib.ConfigError, TrainingError, pipeline.DataError) as error:
+  except (config_lib.ConfigError, TrainingError, pipeline.DataError,
+          distributed.DistributedError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
 

@@ -65,19 +65,18 @@ def test_ten_steps_then_a_resume_repeat_the_straight_losses_exactly(straight_run
   assert 'from its checkpoint at step 10' in out and 'loader continues from its state at step 10' in out
 
 
-def test_loader_state_from_another_process_count_gives_a_fresh_shuffle(straight_run, capsys):
-  # Each process's loader state covers its own slice of the documents, so a
-  # checkpoint written by 2 processes has none for 1: the loader reshuffles and says so.
+def test_loader_state_for_another_number_of_shards_gives_a_fresh_shuffle(straight_run, capsys):
+  # A loader shard's state covers its own slice of the documents, so the one
+  # shard of the straight run does not restore onto two: the loader reshuffles
+  # and says so. (Two default processes make two shards.)
   config, run_dir, straight = straight_run
-  regrouped_dir = resume_copy(run_dir, 'regrouped', [15, 20])
-  data_dir = regrouped_dir / 'checkpoints' / '10' / 'data'
-  (data_dir / 'process_0-of-1.json').rename(data_dir / 'process_0-of-2.json')
   config = config.copy_and_resolve_references()
-  config.train.run_dir = str(regrouped_dir)
+  config.train.run_dir = str(resume_copy(run_dir, 'regrouped', [15, 20]))
+  config.data.loader_shards = 2
   regrouped = losses(train(config))
   assert sorted(regrouped) == list(range(11, 21))
   assert regrouped != {step: straight[step] for step in range(11, 21)}
-  assert 'starting a fresh shuffle' in capsys.readouterr().out
+  assert 'has 1 loader shards, this run 2; starting a fresh shuffle' in capsys.readouterr().out
 
 
 def test_a_checkpoint_from_fsdp8_resumes_on_data4_tensor2(straight_run):

@@ -19,10 +19,11 @@ CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m}
 BASE_KEYS = [
     'checkpoint.async_save', 'checkpoint.init_from_hf', 'checkpoint.interval', 'checkpoint.keep_every',
     'checkpoint.max_to_keep',
-    'data.bos_aligned', 'data.cache_dir', 'data.embedded_max_bytes', 'data.mixing',
+    'data.bos_aligned', 'data.cache_dir', 'data.embedded_max_bytes', 'data.loader_shards', 'data.mixing',
     'data.packing', 'data.read_threads', 'data.row_shuffle_window', 'data.seq_len',
     'data.shuffle', 'data.source', 'data.val_fraction', 'data.worker_buffer_size',
     'data.worker_count',
+    'distributed.heartbeat_timeout_s', 'distributed.init_timeout_s', 'distributed.mode',
     'logging.peak_flops_per_device', 'logging.tensorboard',
     'model.attention', 'model.compute_dtype', 'model.head_dim', 'model.hidden_size',
     'model.init_std', 'model.intermediate_size', 'model.max_seq_len', 'model.norm_eps',

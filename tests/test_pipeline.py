@@ -151,6 +151,41 @@ def test_resume_yields_exactly_the_same_batches(tmp_path, packing, workers, stop
       assert np.asarray(got[key]).tobytes() == np.asarray(expected[key]).tobytes(), (key, saved)
 
 
+def test_loader_shards_give_the_same_batches_and_state_on_any_split(tmp_path):
+  # Four loader shards run by one process, or two by each of two processes:
+  # the same global batches, and a state saved under one split resumes the other.
+  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', random_lengths(90, 8))), None)])
+  settings = pipeline.LoaderSettings(seq_len=16, batch_size=2, seed=4, row_shuffle_window=4)
+  whole = pipeline.ShardedLoader(ds, settings, [0, 1, 2, 3], 4)
+  halves = [pipeline.ShardedLoader(ds, settings, [0, 1], 4), pipeline.ShardedLoader(ds, settings, [2, 3], 4)]
+  for _ in range(5):
+    global_batch = next(whole)
+    parts = [next(h) for h in halves]
+    assert global_batch['inputs'].shape == (8, 16)
+    for key in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask'):
+      assert np.array_equal(global_batch[key], np.concatenate([p[key] for p in parts])), key
+    assert np.array_equal(global_batch['source_tokens'], parts[0]['source_tokens'] + parts[1]['source_tokens'])
+  # Each shard reads its own documents: no document is split between two shards' rows.
+  docs = [set(np.unique(global_batch['inputs'][2 * s:2 * s + 2] // 1000)) - {0} for s in range(4)]
+  assert all(not a & b for i, a in enumerate(docs) for b in docs[i + 1:]), docs
+
+  # The halves' states, merged as a checkpoint merges them, restore the whole loader and back.
+  merged = {'num_shards': 4, 'shards': {}}
+  for half in halves:
+    merged['shards'].update(json.loads(json.dumps(half.get_state()))['shards'])
+  expected = [next(whole) for _ in range(4)]
+  resumed = pipeline.ShardedLoader(ds, settings, [0, 1, 2, 3], 4)
+  assert resumed.can_restore(merged)
+  resumed.set_state(merged)
+  for batch in expected:
+    assert np.array_equal(next(resumed)['inputs'], batch['inputs'])
+  whole_state = json.loads(json.dumps(whole.get_state()))
+  second_half = pipeline.ShardedLoader(ds, settings, [2, 3], 4)
+  second_half.set_state(whole_state)
+  assert np.array_equal(next(second_half)['inputs'], next(whole)['inputs'][4:])
+  assert not pipeline.ShardedLoader(ds, settings, [0], 2).can_restore(merged)
+
+
 @pytest.mark.parametrize('mixing,weights,expected', [
     ('weighted', (0.75, 0.25), 0.75),
     ('proportional', (None, None), 3000 / (3000 + 2000)),

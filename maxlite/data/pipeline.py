@@ -1,9 +1,13 @@
 """The Grain input pipeline: prepared shards -> shuffled, per-process, mixed, packed batches.
 
 Per source:  ArrayRecord documents -> global shuffle (reseeded every epoch) ->
-             this process's slice [index::count] -> decode -> repeat forever.
+             this loader shard's slice [shard::num_shards] -> decode -> repeat forever.
 Then:        mix the sources by weight -> pack rows of seq_len -> shuffle rows
              within a window -> batch -> a prefetch thread or worker processes.
+
+A global batch is made of `num_shards` such loader shards, shard 0's rows
+first; each process runs only the shards whose rows its devices hold
+(ShardedLoader). By default there is one shard per process.
 
 Everything up to the mix is a random-access MapDataset, so the iterator's state
 is a handful of integers plus the packer's buffer; Orbax saves it next to the
@@ -205,24 +209,24 @@ class LoaderSettings:
 
 
 def process_documents(dataset: Dataset, source_index: int, settings: LoaderSettings,
-                      process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """One epoch of this process's share of a source's training documents, decoded."""
+                      shard_index: int = 0, num_shards: int = 1) -> grain.MapDataset:
+  """One epoch of a loader shard's share of a source's training documents, decoded."""
   records = dataset.records('train')
-  if len(records) < process_count:
+  if len(records) < num_shards:
     raise DataError(f'{dataset.folder} has {len(records)} training documents, fewer than the '
-                    f'{process_count} processes that share it')
+                    f'{num_shards} loader shards that share it')
   if settings.shuffle:
     records = records.seed(settings.seed + 7919 * source_index).shuffle()
-  # Slicing after the shuffle: the processes split one global permutation,
+  # Slicing after the shuffle: the shards split one global permutation,
   # disjoint and covering; a later repeat() reseeds the shuffle every epoch.
-  records = records[process_index::process_count]
+  records = records[shard_index::num_shards]
   return records.map(_Decode(dataset.meta['token_dtype'], source_index))
 
 
-def train_loader(datasets: list[Dataset], settings: LoaderSettings, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """The training stream of this process: an endless IterDataset of batches."""
-  sources = [process_documents(d, i, settings, process_index, process_count).repeat()
+def train_loader(datasets: list[Dataset], settings: LoaderSettings, shard_index: int = 0,
+                 num_shards: int = 1) -> grain.IterDataset:
+  """The training stream of one loader shard: an endless IterDataset of batches."""
+  sources = [process_documents(d, i, settings, shard_index, num_shards).repeat()
              for i, d in enumerate(datasets)]
   documents = sources[0]
   if len(sources) > 1:
@@ -244,6 +248,48 @@ def train_loader(datasets: list[Dataset], settings: LoaderSettings, process_inde
   # A background thread packs the next batches while the training thread
   # dispatches steps; its state is that of the batches handed out, not made.
   return grain_exp.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=settings.worker_buffer_size)
+
+
+class ShardedLoader:
+  """Batches made of this process's loader shards, their rows concatenated in shard order.
+
+  Shard l reads documents [l::num_shards] of the global shuffle and packs its
+  own rows into rows [l * rows_per_shard, (l + 1) * rows_per_shard) of every
+  global batch. The batches therefore depend on num_shards alone, not on how
+  many processes run the shards, and the saved state (one entry per shard)
+  restores on any process count that divides the shards.
+  """
+
+  def __init__(self, datasets: list[Dataset], settings: LoaderSettings, shard_indices: list[int],
+               num_shards: int):
+    # settings.batch_size is the rows of one shard.
+    self.num_shards = num_shards
+    self.iterators = {shard: iter(train_loader(datasets, settings, shard, num_shards))
+                      for shard in shard_indices}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    parts = [next(iterator) for iterator in self.iterators.values()]
+    if len(parts) == 1:
+      return parts[0]
+    batch = {name: np.concatenate([p[name] for p in parts]) for name in parts[0] if name != 'source_tokens'}
+    batch['source_tokens'] = np.sum([p['source_tokens'] for p in parts], axis=0)
+    return batch
+
+  def get_state(self) -> dict:
+    return {'num_shards': self.num_shards,
+            'shards': {str(shard): it.get_state() for shard, it in self.iterators.items()}}
+
+  def can_restore(self, state: dict | None) -> bool:
+    """Whether `state` (the merged states of all processes) covers this process's shards."""
+    return (state is not None and state.get('num_shards') == self.num_shards
+            and all(str(shard) in state['shards'] for shard in self.iterators))
+
+  def set_state(self, state: dict):
+    for shard, iterator in self.iterators.items():
+      iterator.set_state(state_from_json(state['shards'][str(shard)]))
 
 
 def validation_batches(datasets: list[Dataset], settings: LoaderSettings, num_batches: int) -> list[dict]:
