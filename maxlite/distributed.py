@@ -93,7 +93,14 @@ def slurm_layout(environ) -> ProcessLayout:
   device_ids = _explicit_device_ids(environ)
   if device_ids is None:
     gpus = visible_gpu_count(environ)
-    if num_processes // max(nodes, 1) > 1:
+    if environ.get('SLURM_GPUS_PER_TASK', '').isdigit():
+      # srun --gpus-per-task=n: bound to the task, its GPUs are its devices
+      # 0..n-1; where the site does not bind, the task sees the whole node and
+      # takes its own n by local rank.
+      per_task = int(environ['SLURM_GPUS_PER_TASK'])
+      first = 0 if gpus == per_task else _int_var('SLURM_LOCALID', environ) * per_task
+      device_ids = tuple(range(first, first + per_task))
+    elif num_processes // max(nodes, 1) > 1:
       # One task per GPU: SLURM either bound one GPU to each task (it is then
       # device 0 of the task) or lets every task see all of the node's GPUs.
       device_ids = (0,) if gpus == 1 else (_int_var('SLURM_LOCALID', environ),)

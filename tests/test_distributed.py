@@ -1,6 +1,7 @@
 """Multi-host runs as real processes on loopback: process layouts from SLURM and
 explicit variables, 2 processes x 4 CPU devices against 1 x 8, checkpoints that
 cross process counts both ways, a killed process, an unreachable coordinator."""
+import importlib.util
 import json
 import os
 import pathlib
@@ -48,6 +49,11 @@ def test_slurm_layouts():
   assert (layout.coordinator_address, layout.process_id, layout.local_device_ids) == ('gpu7:1234', 6, (2,))
   # SLURM bound one GPU to the task: it is the task's device 0.
   assert resolve_layout('slurm', {**per_gpu, 'CUDA_VISIBLE_DEVICES': '2'}).local_device_ids == (0,)
+  # srun --gpus-per-task=2: the task's own GPUs, whatever their node-wide numbers.
+  bound = {**per_gpu, 'CUDA_VISIBLE_DEVICES': '4,5', 'SLURM_GPUS_PER_TASK': '2'}
+  assert resolve_layout('slurm', bound).local_device_ids == (0, 1)
+  unbound = {**bound, 'CUDA_VISIBLE_DEVICES': '0,1,2,3,4,5,6,7'}  # the site does not bind
+  assert resolve_layout('slurm', unbound).local_device_ids == (4, 5)
   assert resolve_layout('slurm', {**per_gpu, distributed.ENV_LOCAL_DEVICE_IDS: '1,3'}).local_device_ids == (1, 3)
   assert distributed.first_host('node[001-0015],host2') == 'node001'
   assert distributed.first_host('a01,b02') == 'a01'
@@ -188,7 +194,7 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
   assert_same_losses(two_val, one_val, [4, STEPS])
   # Only process 0 logs; both take part in the checkpoint, each with its loader shard.
   assert not [line for line in out.splitlines() if line.startswith('[1] step ')]
-  data_files = sorted(p.name for p in (two_dir / 'checkpoints' / str(STEPS) / 'data').iterdir())
+  data_files = sorted(p.name for p in (two_dir / 'checkpoints' / str(STEPS) / 'data').glob('*.json'))
   assert data_files == ['process_0-of-2.json', 'process_1-of-2.json']
 
   # 2 processes wrote step 4; 1 process resumes from it, and the other way round.
@@ -202,7 +208,8 @@ def test_two_processes_train_like_one_and_checkpoints_cross_process_counts(tmp_p
   assert_same_losses(metrics(resumed)[0], one_losses, range(1, STEPS + 1))
 
 
-def test_a_killed_process_makes_the_other_exit(tmp_path):
+@pytest.mark.parametrize('killed', [1, 0])  # 0 also runs the coordinator
+def test_a_killed_process_makes_the_other_exit(tmp_path, killed):
   # The launcher is told to wait 10 minutes before it steps in, so the time
   # measured is the surviving trainer's own.
   process = launch(tmp_path / 'run', '--config.train.steps=1000', '--config.distributed.heartbeat_timeout_s=10',
@@ -215,13 +222,15 @@ def test_a_killed_process_makes_the_other_exit(tmp_path):
     if line.startswith('[0] step      2/'):
       break
   assert set(pids) == {0, 1}, ''.join(lines)
-  os.kill(pids[1], signal.SIGKILL)
+  os.kill(pids[killed], signal.SIGKILL)
   killed_at = time.monotonic()
   out = process.communicate(timeout=180)[0]
   waited = time.monotonic() - killed_at
   assert process.returncode != 0, out
-  assert re.search(r'process 0 exited with code -?[1-9]', out), out
+  survivor = 1 - killed
+  assert re.search(rf'process {survivor} exited with code -?[1-9]', out), out
   assert waited < 60, f'the surviving process took {waited:.0f}s to exit'
+  print(f'process {survivor} exited {waited:.1f}s after process {killed} was killed')
 
 
 def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
@@ -239,3 +248,96 @@ def test_an_unreachable_coordinator_is_one_line_within_the_timeout(tmp_path):
       f'(ConnectionRefusedError: [Errno 111] Connection refused); is process 0 running?')
   assert time.monotonic() - start < 60
   assert not (tmp_path / 'run').exists()
+
+
+# The local launcher (launch/local.py) ------------------------------------------------------------
+
+def load_launcher():
+  spec = importlib.util.spec_from_file_location('local_launcher', REPO_ROOT / 'launch' / 'local.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_launcher_gives_each_process_its_cluster_variables_and_nothing_inherited():
+  local = load_launcher()
+  base = {'PATH': '/bin', 'XLA_FLAGS': '--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8',
+          'MAXLITE_PROCESS_ID': '7', 'SLURM_PROCID': '5'}
+  env = local.child_env(base, process_id=1, num_processes=2, port=1234, via='env', cpu_devices=4)
+  assert env['XLA_FLAGS'] == '--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4'
+  assert env['JAX_PLATFORMS'] == 'cpu' and env['PATH'] == '/bin'
+  assert env[distributed.ENV_COORDINATOR] == '127.0.0.1:1234'
+  assert (env[distributed.ENV_NUM_PROCESSES], env[distributed.ENV_PROCESS_ID]) == ('2', '1')
+  assert not [k for k in env if k.startswith('SLURM_')]
+  # What it sets is what maxlite.distributed reads back.
+  layout = distributed.resolve_layout('auto', env)
+  assert (layout.num_processes, layout.process_id, layout.source) == (2, 1, 'env')
+
+  env = local.child_env(base, process_id=1, num_processes=2, port=1234, via='slurm', gpus_per_process=2)
+  assert env['CUDA_VISIBLE_DEVICES'] == '2,3' and 'JAX_PLATFORMS' not in env
+  assert not [k for k in env if k.startswith('MAXLITE_') and k != distributed.ENV_COORDINATOR_PORT]
+  layout = distributed.resolve_layout('auto', env)
+  assert (layout.coordinator_address, layout.num_processes, layout.process_id, layout.source) == (
+      '127.0.0.1:1234', 2, 1, 'slurm')
+  assert layout.local_device_ids == (0, 1)
+
+  env = local.child_env(base, process_id=1, num_processes=3, port=1234, via='env', gpus_per_process=2)
+  assert env[distributed.ENV_LOCAL_DEVICE_IDS] == '2,3'
+  assert distributed.resolve_layout('env', env).local_device_ids == (2, 3)
+
+
+def run_launcher(*args, script: str, timeout=60) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, 'launch/local.py', *args, '--', sys.executable, '-c', script],
+                        cwd=REPO_ROOT, env=clean_env(1), text=True, capture_output=True, timeout=timeout)
+
+
+def test_launcher_relays_output_and_exits_with_the_failing_code():
+  script = ('import os, sys; i = int(os.environ["MAXLITE_PROCESS_ID"]); '
+            'print("hello from", i, "of", os.environ["MAXLITE_NUM_PROCESSES"]); sys.exit(6 if i == 2 else 0)')
+  result = run_launcher('--processes=3', script=script)
+  assert result.returncode == 6, result.stdout + result.stderr
+  assert sorted(result.stdout.splitlines()) == ['[0] hello from 0 of 3', '[1] hello from 1 of 3',
+                                                '[2] hello from 2 of 3']
+  assert '[launch] process 2 exited with code 6' in result.stderr
+
+
+def test_launcher_stops_the_survivors_after_the_grace_period():
+  script = ('import os, sys, time; i = int(os.environ["MAXLITE_PROCESS_ID"]); '
+            'sys.exit(5) if i == 1 else time.sleep(120)')
+  start = time.monotonic()
+  result = run_launcher('--processes=2', '--grace_s=1', script=script)
+  assert time.monotonic() - start < 30
+  assert result.returncode == 5, result.stderr
+  assert '[launch] process 1 exited with code 5' in result.stderr
+  assert '[launch] process 0 exited with code -15' in result.stderr  # SIGTERM
+
+
+def test_launcher_passes_sigterm_on_to_every_process():
+  script = ('import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (print("stopping"), '
+            'sys.exit(0))); print("ready"); time.sleep(120)')
+  process = subprocess.Popen([sys.executable, 'launch/local.py', '--processes=2', '--', sys.executable, '-c',
+                              script], cwd=REPO_ROOT, env=clean_env(1), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+  ready = 0
+  for line in process.stdout:
+    ready += line.endswith('ready\n')
+    if ready == 2:
+      break
+  process.send_signal(signal.SIGTERM)
+  out = process.communicate(timeout=30)[0]
+  assert process.returncode == 0
+  assert sorted(out.splitlines()) == ['[0] stopping', '[1] stopping']
+
+
+def test_launcher_dry_run_and_usage_errors():
+  result = run_launcher('--processes=2', '--via=slurm', '--cpu_devices=4', '--port=4321', '--dry_run',
+                        script='raise SystemExit(1)')
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith('process 0: ') and 'SLURM_PROCID=0' in lines[0]
+  assert 'SLURM_NTASKS=2' in lines[1] and 'SLURM_PROCID=1' in lines[1]
+  assert f'{distributed.ENV_COORDINATOR_PORT}=4321' in lines[1]
+  assert lines[2].startswith('command: ') and lines[2].endswith('-c raise SystemExit(1)')
+  result = subprocess.run([sys.executable, 'launch/local.py', '--processes=2'], cwd=REPO_ROOT,
+                          env=clean_env(1), text=True, capture_output=True, timeout=60)
+  assert result.returncode == 2 and 'give the command to run after --' in result.stderr
