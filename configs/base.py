@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.init_std = 0.02
   model.param_dtype = 'float32'  # master weights; float64 enables jax x64
   model.compute_dtype = 'float32'  # bfloat16 on GPUs
+  # xla | cudnn | pallas (fused, skips masked tiles) | auto (pallas on GPUs, xla on CPU)
   model.attention = 'xla'
   model.scan_layers = True  # scan keeps compile time flat in depth
   model.remat = 'none'  # none | full | save_matmuls
@@ -83,7 +84,12 @@ def get_config() -> ml_collections.ConfigDict:
   parallel.data = -1  # one axis may be -1: it takes the remaining devices
   parallel.fsdp = 1
   parallel.tensor = 1
-  parallel.pipeline = 1
+  parallel.pipeline = 1  # stages; the blocks' layers are split between them
+  # Micro-batches that each micro-step's batch is split into for the pipeline; 0: one per stage.
+  parallel.pipeline_microbatches = 0
+  # 1: all-forward-all-backward (GPipe); R > 1: circular, each stage runs R
+  # groups of layers (bubble (stages-1)/(R*micro-batches+stages-1), R times the hops).
+  parallel.pipeline_repeats = 1
   parallel.zero1 = False  # shard optimizer state over `data` as well
 
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

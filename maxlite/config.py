@@ -11,7 +11,7 @@ MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
 REMAT_POLICIES = ('none', 'full', 'save_matmuls')
-ATTENTION_BACKENDS = ('xla',)
+ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -126,7 +126,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
     _require(dist[field] >= 1, f'distributed.{field}={dist[field]} must be >= 1')
 
   sizes = mesh_shape(config.parallel, num_devices)
-  _require(sizes['pipeline'] == 1, f'parallel.pipeline={sizes["pipeline"]}: pipeline parallelism is not supported yet')
   tensor = sizes['tensor']
   for field in ('num_heads', 'num_kv_heads', 'intermediate_size'):
     _require(model[field] % tensor == 0,
@@ -136,7 +135,42 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
            f'train.micro_batch_size={train.micro_batch_size} (global batch '
            f'{train.micro_batch_size * train.grad_accum_steps}) is not divisible by '
            f'parallel.data*parallel.fsdp={batch_shards}')
+  _validate_pipeline(config, sizes)
   return sizes
+
+
+def _validate_pipeline(config, sizes):
+  parallel, stages = config.parallel, sizes['pipeline']
+  repeats, micro = parallel.pipeline_repeats, parallel.pipeline_microbatches
+  _require(repeats >= 1, f'parallel.pipeline_repeats={repeats} must be >= 1')
+  _require(micro >= 0, f'parallel.pipeline_microbatches={micro} must be >= 0 (0: one per stage)')
+  if stages == 1:
+    _require(repeats == 1 and micro == 0,
+             f'parallel.pipeline_repeats={repeats} and parallel.pipeline_microbatches={micro} '
+             'need parallel.pipeline > 1 (set them to 1 and 0)')
+    return
+  micro = micro or stages
+  num_layers = config.model.num_layers
+  _require(num_layers % (stages * repeats) == 0,
+           f'model.num_layers={num_layers} is not divisible by parallel.pipeline={stages} x '
+           f'parallel.pipeline_repeats={repeats}')
+  # Circular: a micro-batch leaving the last stage re-enters stage 0 only after
+  # the other micro-batches of its round, which needs at least one per stage.
+  _require(repeats == 1 or micro >= stages,
+           f'parallel.pipeline_microbatches={micro} must be >= parallel.pipeline={stages} for the '
+           f'circular schedule (parallel.pipeline_repeats={repeats} > 1)')
+  # Each pipeline micro-batch is itself split over the batch shards.
+  batch_shards = sizes['data'] * sizes['fsdp']
+  _require(config.train.micro_batch_size % (micro * batch_shards) == 0,
+           f'train.micro_batch_size={config.train.micro_batch_size} is not divisible by '
+           f'parallel.pipeline_microbatches={micro} x parallel.data*parallel.fsdp={batch_shards}')
+
+
+def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
+  """The model's pipeline_* fields for a validated config and its resolved mesh."""
+  return {'pipeline_stages': sizes['pipeline'],
+          'pipeline_microbatches': parallel.pipeline_microbatches or sizes['pipeline'],
+          'pipeline_repeats': parallel.pipeline_repeats}
 
 
 def matmul_params(model) -> int:

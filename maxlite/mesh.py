@@ -16,6 +16,8 @@ from maxlite.config import MESH_AXES
 # fsdp shards parameters (ZeRO-3) and the batch; data shards only the batch;
 # tensor is Megatron column/row parallelism on heads, mlp and vocab, and also
 # shards the residual stream's length between blocks (sequence parallelism).
+# pipeline splits the stacked layers into contiguous blocks, one per stage
+# (maxlite.model.pipeline).
 LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     # parameter dimensions
     'vocab': ('tensor',),
@@ -25,11 +27,12 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     'head_dim': (),
     'mlp': ('tensor',),
     'norm': (),
-    'layers': (),
+    'layers': ('pipeline',),
     # activation dimensions
     'batch': ('data', 'fsdp'),
     'length': (),
     'residual_length': ('tensor',),
+    'stages': ('pipeline',),  # the pipeline's per-stage buffers
 }
 
 # ZeRO-1: the optimizer state's 'embed' dimension is also split over `data`.
@@ -39,15 +42,19 @@ ZERO1_RULES = {**LOGICAL_AXIS_RULES, 'embed': ('fsdp', 'data')}
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   """A mesh over all devices, process by process; later axes vary fastest.
 
-  Devices are ordered by process, then id, and the axes data, fsdp, tensor
-  are laid out outermost first. So with several hosts the outer axes (data,
-  then fsdp) are the ones that cross hosts, and a tensor group stays within
-  a host as long as `tensor` divides the devices per host.
+  Devices are ordered by process, then id, and the axes pipeline, data, fsdp,
+  tensor are laid out outermost first. So with several hosts the outer axes
+  (pipeline, then data, then fsdp) are the ones that cross hosts, and a tensor
+  group stays within a host as long as `tensor` divides the devices per host.
+  Pipeline stages exchange only one micro-batch's activations per iteration,
+  point to point, which is why they are the first to cross hosts.
   """
   devices = jax.devices() if devices is None else devices
   devices = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)))
-  shape = tuple(sizes[axis] for axis in MESH_AXES)
-  return Mesh(devices.reshape(shape), MESH_AXES)
+  layout = ('pipeline', *(axis for axis in MESH_AXES if axis != 'pipeline'))
+  devices = devices.reshape(tuple(sizes[axis] for axis in layout))
+  devices = np.moveaxis(devices, 0, MESH_AXES.index('pipeline'))
+  return Mesh(devices, MESH_AXES)
 
 
 def tensor_crosses_processes(mesh: Mesh) -> bool:

@@ -23,6 +23,7 @@ from maxlite import metrics as metrics_lib
 from maxlite import distributed, hf, optim, preemption, state as state_lib, step as step_lib
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
+from maxlite.model.attention import resolve_backend
 from maxlite.model.llama import LlamaConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -131,7 +132,13 @@ def train(config) -> list[dict]:
   if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
     jax.config.update('jax_enable_x64', True)
   mesh_sizes = config_lib.validate(config, jax.device_count())
-  model_cfg = LlamaConfig.from_config(config.model)
+  model_cfg = LlamaConfig.from_config(config.model,
+                                     **config_lib.pipeline_fields(config.parallel, mesh_sizes))
+  try:  # the attention backend that this platform runs, resolved once
+    model_cfg = dataclasses.replace(model_cfg, attention=resolve_backend(config.model.attention,
+                                                                         jax.default_backend()))
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from None
   train_cfg = config.train
   seq_len = config.data.seq_len
   global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
@@ -159,6 +166,9 @@ def train(config) -> list[dict]:
   device_kind = jax.devices()[0].device_kind
   writer.info(f'mesh: {dict(mesh.shape)} over {jax.device_count()} x {device_kind} '
               f'in {jax.process_count()} process(es)')
+  writer.info(f'attention: {config.model.attention} -> {model_cfg.attention} ({jax.default_backend()})')
+  if model_cfg.pipeline_stages > 1:
+    writer.info(model_cfg.pipeline_schedule.describe(model_cfg.num_layers))
   if mesh_lib.tensor_crosses_processes(mesh) and jax.local_device_count() > 1:
     writer.info(f'warning: parallel.tensor={mesh_sizes["tensor"]} spans processes '
                 f'({jax.local_device_count()} devices each); tensor-parallel collectives '

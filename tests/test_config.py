@@ -32,7 +32,8 @@ BASE_KEYS = [
     'model.vocab_size', 'model.z_loss_weight',
     'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
     'optim.grad_clip', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
-    'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.tensor', 'parallel.zero1',
+    'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
+    'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
     'train.log_interval', 'train.max_skipped_in_a_row', 'train.micro_batch_size',
@@ -71,7 +72,7 @@ BROKEN = [
     ({'model.param_dtype': 'float16'}, 8, r"model\.param_dtype='float16' is not one of"),
     ({'model.compute_dtype': 'fp8'}, 8, r"model\.compute_dtype='fp8' is not one of"),
     ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls'\)"),
-    ({'model.attention': 'flash'}, 8, r"model\.attention='flash' is not one of \('xla',\)"),
+    ({'model.attention': 'flash'}, 8, r"model\.attention='flash' is not one of \('auto', 'xla', 'cudnn', 'pallas'\)"),
     *[({f'model.{f}': 0.0}, 8, r'model\.norm_eps, model\.init_std and model\.rope_theta must be > 0')
       for f in ('norm_eps', 'init_std', 'rope_theta')],
     ({'data.seq_len': 256}, 8, r'data\.seq_len=256 must be in \[1, model\.max_seq_len=128\]'),
@@ -123,7 +124,6 @@ BROKEN = [
                                                   r'\(data=2, fsdp=3, tensor=1, pipeline=1\) but there are 8 devices'),
     ({'parallel.data': 2}, 1, r'data\*fsdp\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
     # checks on the resolved mesh
-    ({'parallel.pipeline': 2}, 8, r'parallel\.pipeline=2: pipeline parallelism is not supported'),
     ({'parallel.tensor': 8}, 8, r'parallel\.tensor=8 does not divide model\.num_heads=4'),
     ({'parallel.tensor': 4, 'model.num_heads': 8, 'model.num_kv_heads': 2}, 8,
      r'parallel\.tensor=4 does not divide model\.num_kv_heads=2'),

@@ -2,9 +2,49 @@
 
 Shape legend: B batch, T query length, S key length, N query heads, K kv heads,
 G = N // K query heads per kv head, H head dim.
+
+Backends (`model.attention`):
+  xla     dense scores in float32; the reference, and every platform's fallback.
+  cudnn   `jax.nn.dot_product_attention(implementation='cudnn')`: NVIDIA GPUs,
+          causal or not, but no segment ids, so not for packed training rows.
+  pallas  maxlite.kernels.flash_attention: fused, skips the tiles that packed
+          documents or causality mask. On CPU it runs in Pallas interpret mode
+          (correct but slow; for tests).
+  auto    pallas on GPUs with segment ids, cudnn on NVIDIA GPUs without, xla on CPU.
+The KV-cache path (decoding) always runs on xla: its queries are a few tokens
+against a cache with its own slot mask, which the fused kernels do not take.
 """
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from maxlite.config import ATTENTION_BACKENDS
+from maxlite.kernels.flash_attention import flash_attention
+from maxlite.mesh import logical_to_spec
+
+GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
+
+
+def resolve_backend(name: str, platform: str, *, segment_ids: bool = True,
+                    kv_cache: bool = False) -> str:
+  """The backend that runs for `model.attention=name` on `platform` (jax.default_backend()).
+
+  segment_ids: whether the call masks documents (training batches always do).
+  Raises ValueError for a combination the backend cannot run, unless 'auto'.
+  """
+  if name not in ATTENTION_BACKENDS:
+    raise ValueError(f'model.attention={name!r} is not one of {ATTENTION_BACKENDS}')
+  on_gpu = platform in GPU_PLATFORMS
+  if name == 'cudnn' and not on_gpu:
+    raise ValueError(f"model.attention='cudnn' needs an NVIDIA GPU; the platform is {platform}")
+  if name == 'cudnn' and segment_ids and not kv_cache:
+    raise ValueError("model.attention='cudnn' cannot mask packed documents (segment ids); "
+                     "use 'pallas', 'xla' or 'auto'")
+  if kv_cache:
+    return 'xla'
+  if name == 'auto':
+    return ('pallas' if segment_ids else 'cudnn') if on_gpu else 'xla'
+  return name
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: bool = True,
@@ -12,18 +52,54 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: b
   """Grouped-query attention where no token attends across packed documents.
 
   segment_ids_BT: document index per token (0 marks padding); tokens attend
-  only within their own segment. positions_BT: position within the document,
-  the coordinate the causal mask compares in (it restarts per document, and
-  together with the segment mask this equals the usual index-causal mask).
+  only within their own segment; None: one document per row. positions_BT:
+  position within the document, the coordinate the causal mask compares in
+  (None: the index). It restarts per document and increases by one within
+  it, so together with the segment mask it equals the index-causal mask,
+  which is what the fused backends (pallas, cudnn) apply.
   kv_segment_ids_BS, kv_positions_BS: the same for the keys when they are not
   the queries' own tokens (a KV cache); by default the queries' are used.
   """
-  if kv_segment_ids_BS is None:
+  kv_cache = kv_segment_ids_BS is not None
+  backend = resolve_backend(backend, jax.default_backend(), segment_ids=segment_ids_BT is not None,
+                            kv_cache=kv_cache)
+  if backend == 'pallas':
+    interpret = jax.default_backend() == 'cpu'
+
+    def fused(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
+      return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
+                             interpret=interpret)
+    return _per_shard(fused, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  if backend == 'cudnn':
+    return _per_shard(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation='cudnn'), q_BTNH, k_BSKH, v_BSKH)
+  batch, length = q_BTNH.shape[:2]
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  if not kv_cache:
     kv_segment_ids_BS, kv_positions_BS = segment_ids_BT, positions_BT
-  if backend == 'xla':
-    return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, kv_segment_ids_BS,
-                         kv_positions_BS, causal=causal)
-  raise ValueError(f'unknown attention backend {backend!r}')
+  return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, kv_segment_ids_BS,
+                       kv_positions_BS, causal=causal)
+
+
+def _per_shard(fn, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
+  """Runs a fused kernel on each device's rows and heads.
+
+  A custom call is opaque to XLA's partitioner, which would gather the whole
+  batch onto every device; shard_map hands each one its own shard instead.
+  Heads split over `tensor` keep their groups, since K divides like N does.
+  """
+  args = (q_BTNH, k_BSKH, v_BSKH) + (() if segment_ids_BT is None else (segment_ids_BT,))
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(*args)
+  sizes = dict(mesh.shape)
+  q_spec = logical_to_spec(P('batch', 'length', 'heads', 'head_dim'), q_BTNH.shape, sizes)
+  kv_spec = logical_to_spec(P('batch', 'length', 'kv_heads', 'head_dim'), k_BSKH.shape, sizes)
+  specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))[:len(args)]
+  return jax.shard_map(fn, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
 
 
 def attention_mask(segment_ids_BT, positions_BT, kv_segment_ids_BS, kv_positions_BS, causal: bool):

@@ -4,7 +4,9 @@ Shape legend: B batch, T length, D hidden, N query heads, K kv heads, H head
 dim, V vocab, L layers, S KV-cache slots.
 
 The blocks' parameters are stacked along a leading 'layers' dimension and run
-with one `lax.scan`, so compile time does not grow with depth.
+with one `lax.scan`, so compile time does not grow with depth. With
+pipeline_stages > 1 the training forward pass runs them through
+maxlite.model.pipeline instead (the decode path never does).
 
 `Llama.decode` is the same forward pass with a KV cache (for generation): the
 only difference is inside `Attention`, which writes each token's keys and
@@ -19,7 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from maxlite.mesh import constrain
-from maxlite.model import layers
+from maxlite.model import layers, pipeline
 from maxlite.model.attention import attention
 
 REMAT_POLICIES = {
@@ -49,14 +51,26 @@ class LlamaConfig:
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
+  # Pipeline parallelism (maxlite.model.pipeline); 1 stage is the plain scan.
+  pipeline_stages: int = 1
+  pipeline_microbatches: int = 1
+  pipeline_repeats: int = 1
 
   @classmethod
-  def from_config(cls, model) -> 'LlamaConfig':
-    """From the `model` sub-config; head_dim=0 there means hidden // heads."""
+  def from_config(cls, model, **pipeline_fields) -> 'LlamaConfig':
+    """From the `model` sub-config; head_dim=0 there means hidden // heads.
+
+    The pipeline_* fields come from the parallel config and mesh (see
+    maxlite.config.pipeline_fields); without them the model runs unpipelined.
+    """
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in model.items() if k in fields}
     values['head_dim'] = model.head_dim or model.hidden_size // model.num_heads
-    return cls(**values)
+    return cls(**values, **pipeline_fields)
+
+  @property
+  def pipeline_schedule(self) -> pipeline.Schedule:
+    return pipeline.Schedule(self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats)
 
 
 class KVCache(NamedTuple):
@@ -184,21 +198,31 @@ class Llama(nnx.Module):
 
   def _run_blocks(self, x_BTD, segment_ids_BT, positions_BT, cache):
     graphdef, stacked = nnx.split(self.blocks)
+    if cache is None and self.cfg.pipeline_stages > 1:
+      def run_layers(layers, x_bTD, segment_ids_bT, positions_bT):
+        return _run_layers(graphdef, self.cfg, layers, x_bTD, segment_ids_bT, positions_bT, None)[0]
+      return pipeline.run(run_layers, stacked, x_BTD, segment_ids_BT, positions_BT,
+                          self.cfg.pipeline_schedule), None
+    return _run_layers(graphdef, self.cfg, stacked, x_BTD, segment_ids_BT, positions_BT, cache)
 
-    # The cache rides in the carry, not in xs/ys, so that it is updated in place.
-    def one_block(carry, layer_state_and_index):
-      x_BTD, cache = carry
-      layer_state, layer = layer_state_and_index
-      block = nnx.merge(graphdef, layer_state)
-      return block(x_BTD, segment_ids_BT, positions_BT, cache, layer), None
 
-    if self.cfg.remat != 'none':
-      one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[self.cfg.remat],
-                                 prevent_cse=not self.cfg.scan_layers)
-    if self.cfg.scan_layers:
-      (x_BTD, cache), _ = jax.lax.scan(one_block, (x_BTD, cache),
-                                       (stacked, jnp.arange(self.cfg.num_layers)))
-    else:  # unrolled: longer compiles, sometimes faster steps
-      for i in range(self.cfg.num_layers):
-        (x_BTD, cache), _ = one_block((x_BTD, cache), (jax.tree.map(lambda a: a[i], stacked), i))
-    return x_BTD, cache
+def _run_layers(graphdef, cfg: LlamaConfig, stacked, x_BTD, segment_ids_BT, positions_BT, cache):
+  """Runs the layers whose stacked state is `stacked` (all of them, or a pipeline stage's group)."""
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+  # The cache rides in the carry, not in xs/ys, so that it is updated in place.
+  def one_block(carry, layer_state_and_index):
+    x_BTD, cache = carry
+    layer_state, layer = layer_state_and_index
+    block = nnx.merge(graphdef, layer_state)
+    return block(x_BTD, segment_ids_BT, positions_BT, cache, layer), None
+
+  if cfg.remat != 'none':
+    one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[cfg.remat],
+                               prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    (x_BTD, cache), _ = jax.lax.scan(one_block, (x_BTD, cache), (stacked, jnp.arange(num_layers)))
+  else:  # unrolled: longer compiles, sometimes faster steps
+    for i in range(num_layers):
+      (x_BTD, cache), _ = one_block((x_BTD, cache), (jax.tree.map(lambda a: a[i], stacked), i))
+  return x_BTD, cache
