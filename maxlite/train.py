@@ -252,17 +252,17 @@ def train(config) -> list[dict]:
   loader_state, progress = checkpointer.restore_data(start) if start else (None, None)
   if progress and jax.process_index() == 0:  # counters are per process; their sum is global
     source_tokens[:] = progress['source_tokens']
-  data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
-  if start and not data_iterator.can_restore(loader_state):
+  resumes_loader = pipeline.ShardedLoader.state_fits(loader_state, shard_indices, num_shards)
+  if start and not resumes_loader:
     # A shard's state covers its own slice of the documents, so it does not
     # carry over to another number of shards: start a fresh shuffle instead.
     loader_settings = dataclasses.replace(loader_settings, seed=config.seed + start)
-    data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
     saved = loader_state['num_shards'] if loader_state else 'no'
     writer.info(f'data: the checkpoint at step {start} has {saved} loader shards, this run '
                 f'{num_shards}; starting a fresh shuffle (documents of the interrupted epoch may '
                 'repeat or be skipped; a fixed data.loader_shards avoids this)')
-  elif start:
+  data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
+  if resumes_loader:
     data_iterator.set_state(loader_state)
     writer.info(f'data: the loader continues from its state at step {start}')
 

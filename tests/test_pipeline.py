@@ -175,7 +175,7 @@ def test_loader_shards_give_the_same_batches_and_state_on_any_split(tmp_path):
     merged['shards'].update(json.loads(json.dumps(half.get_state()))['shards'])
   expected = [next(whole) for _ in range(4)]
   resumed = pipeline.ShardedLoader(ds, settings, [0, 1, 2, 3], 4)
-  assert resumed.can_restore(merged)
+  assert pipeline.ShardedLoader.state_fits(merged, [0, 1, 2, 3], 4)
   resumed.set_state(merged)
   for batch in expected:
     assert np.array_equal(next(resumed)['inputs'], batch['inputs'])
@@ -183,7 +183,7 @@ def test_loader_shards_give_the_same_batches_and_state_on_any_split(tmp_path):
   second_half = pipeline.ShardedLoader(ds, settings, [2, 3], 4)
   second_half.set_state(whole_state)
   assert np.array_equal(next(second_half)['inputs'], next(whole)['inputs'][4:])
-  assert not pipeline.ShardedLoader(ds, settings, [0], 2).can_restore(merged)
+  assert not pipeline.ShardedLoader.state_fits(merged, [0], 2)
 
 
 @pytest.mark.parametrize('mixing,weights,expected', [

@@ -282,10 +282,11 @@ class ShardedLoader:
     return {'num_shards': self.num_shards,
             'shards': {str(shard): it.get_state() for shard, it in self.iterators.items()}}
 
-  def can_restore(self, state: dict | None) -> bool:
-    """Whether `state` (the merged states of all processes) covers this process's shards."""
-    return (state is not None and state.get('num_shards') == self.num_shards
-            and all(str(shard) in state['shards'] for shard in self.iterators))
+  @staticmethod
+  def state_fits(state: dict | None, shard_indices: list[int], num_shards: int) -> bool:
+    """Whether `state` (the merged states of all processes) covers these shards of num_shards."""
+    return (state is not None and state.get('num_shards') == num_shards
+            and all(str(shard) in state['shards'] for shard in shard_indices))
 
   def set_state(self, state: dict):
     for shard, iterator in self.iterators.items():
