@@ -1,15 +1,19 @@
 """The Pallas flash-attention kernels (interpret mode) against dense float32 and float64
-references, the tile schedule against the dense mask, and the CUDA lowering."""
+references, the tile schedule against the dense mask, the kernels' loops against the
+schedule, and the Triton IR of the CUDA lowering."""
+import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.mlir import ir
+from jaxlib.triton import dialect as tt_dialect
 
-from maxlite.kernels.flash_attention import (FULL, PARTIAL, SKIP, BlockSizes, block_schedule,
-                                             flash_attention, flash_attention_reference)
+from maxlite.kernels.flash_attention import (FULL, LAUNCH_TABLE, PARTIAL, SKIP, BlockSizes,
+                                             block_schedule, flash_attention,
+                                             flash_attention_reference, launches, loop_pieces)
 
 # Interpret mode compiles the kernels' loops as plain XLA; optimising that
 # code costs more time than running it at these sizes.
@@ -24,6 +28,15 @@ def packed_segments(rng, batch, length, mean_document, padding=0):
   if padding:
     segment_ids[:, -padding:] = 0
   return segment_ids.astype(np.int32)
+
+
+def interleaved_segments(batch, length, run):
+  """Ids 1, 2, 1, 3, 1, 4, ... in runs of `run` tokens: document 1 resumes after
+  each other one, so ids decrease, and a block row of document 1 has SKIP
+  tiles between its FULL ones, which then form several pieces."""
+  runs = np.arange(-(-length // run))
+  ids = np.where(runs % 2 == 0, 1, 2 + runs // 2)
+  return np.broadcast_to(np.repeat(ids, run)[:length], (batch, length)).astype(np.int32)
 
 
 def outputs_and_grads(fn, q, k, v, segment_ids, cotangent, **kw):
@@ -45,24 +58,31 @@ def as_float64(arrays):
 
 
 CASES = {
-    # name: (batch, length, heads, kv_heads, head_dim, causal, mean document, padding, blocks)
+    # name: (batch, length, heads, kv_heads, head_dim, causal, documents, padding, blocks);
+    # documents: mean length of packed ones, 'interleaved', or None (one per row).
     'causal_gqa4_hd64_short_docs': (2, 96, 8, 2, 64, True, 12, 5, BlockSizes(32, 16, 16, 32)),
     'noncausal_mqa_hd128': (1, 80, 4, 1, 128, False, 30, 0, BlockSizes(64, 32, 32, 32)),
     'causal_mha_hd48_many_docs': (2, 200, 2, 2, 48, True, 8, 0, BlockSizes(32, 32, 32, 32)),
     'noncausal_gqa2_hd80_one_doc': (2, 50, 4, 2, 80, False, None, 0, BlockSizes(32, 16, 16, 16)),
+    'causal_gqa2_hd32_interleaved_docs': (1, 120, 4, 2, 32, True, 'interleaved', 0,
+                                          BlockSizes(16, 16, 16, 16)),
 }
 
 
 @pytest.mark.parametrize('case', CASES)
 def test_float32_matches_float32_and_float64_references(case):
-  batch, length, heads, kv_heads, head_dim, causal, mean_document, padding, blocks = CASES[case]
+  batch, length, heads, kv_heads, head_dim, causal, documents, padding, blocks = CASES[case]
   rng = np.random.default_rng()
   q = rng.standard_normal((batch, length, heads, head_dim))
   k = rng.standard_normal((batch, length, kv_heads, head_dim))
   v = rng.standard_normal((batch, length, kv_heads, head_dim))
   cotangent = rng.standard_normal((batch, length, heads, head_dim))
-  segment_ids = (None if mean_document is None
-                 else packed_segments(rng, batch, length, mean_document, padding))
+  if documents == 'interleaved':
+    segment_ids = interleaved_segments(batch, length, 16)
+  elif documents is not None:
+    segment_ids = packed_segments(rng, batch, length, documents, padding)
+  else:
+    segment_ids = None
   inputs = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
   # A softmax scale other than the default, so a dropped scale would show.
   kw = dict(causal=causal, softmax_scale=0.7 / np.sqrt(head_dim))
@@ -122,18 +142,86 @@ def test_schedule_classes_agree_with_the_dense_mask(causal, padding):
   assert (classes == SKIP).mean() > 0.5
 
 
-def test_lowers_for_cuda_forward_and_backward():
-  """The Triton lowering (Pallas -> Triton IR) of all three kernels, from this CPU machine."""
+@pytest.mark.parametrize('documents', ['packed', 'padded', 'interleaved'])
+@pytest.mark.parametrize('causal', [True, False])
+def test_loop_pieces_visit_each_tile_once_by_class(causal, documents):
+  """The kernels' loops visit every PARTIAL tile once with the mask, every FULL
+  tile once without, and no SKIP tile, along query rows and key rows alike."""
+  rng = np.random.default_rng()
+  segment_ids = {'packed': lambda: packed_segments(rng, 3, 256, 24),
+                 'padded': lambda: packed_segments(rng, 3, 256, 24, padding=9),
+                 'interleaved': lambda: interleaved_segments(3, 256, 16)}[documents]()
+  classes = np.asarray(block_schedule(jnp.asarray(segment_ids), 16, 8, causal))
+  for class_BXY in (classes, classes.swapaxes(1, 2)):
+    pieces = np.asarray(loop_pieces(jnp.asarray(class_BXY)))
+    visits = {PARTIAL: np.zeros(class_BXY.shape, int), FULL: np.zeros(class_BXY.shape, int)}
+    for kind, table in ((PARTIAL, pieces[:, :, 0]), (FULL, pieces[:, :, 1])):
+      for b, x in np.ndindex(table.shape[:2]):
+        count, bounds = table[b, x, 0], table[b, x, 1:].reshape(-1, 2)
+        for start, end in bounds[:count]:
+          visits[kind][b, x, start:end] += 1
+    np.testing.assert_array_equal(visits[PARTIAL], class_BXY == PARTIAL)
+    np.testing.assert_array_equal(visits[FULL], class_BXY == FULL)
+    if documents == 'packed':  # one document interior, at most a start and a diagonal
+      assert pieces[:, :, 1, 0].max() <= 1 and pieces[:, :, 0, 0].max() <= 2
+
+
+def triton_kernels(fn, *args):
+  """{name: (Triton IR module, backend config)} of each Pallas kernel in fn's CUDA lowering.
+
+  Lowers from this CPU machine. The Triton backend serialises each kernel's
+  `tt` module as MLIR bytecode into the `ir` field of its custom call's
+  backend config; parsing it back needs the tt dialect registered.
+  """
+  module = jax.jit(fn).trace(*args).lower(lowering_platforms=('cuda',)).compiler_ir('stablehlo')
+  tt_dialect.register_dialect(module.context)
+  kernels = {}
+  for op, _ in nested_ops(module.operation):
+    if op.name == 'stablehlo.custom_call' and 'xla.gpu.triton' in str(op.attributes['call_target_name']):
+      config = op.attributes['mhlo.backend_config']
+      with module.context:
+        kernels[config['name'].value] = ir.Module.parse(config['ir'].value_bytes), config
+  return kernels
+
+
+def nested_ops(op, enclosing=()):
+  """Every operation inside op, with the names of the operations that enclose it."""
+  for region in op.regions:
+    for block in region.blocks:
+      for child in block.operations:
+        yield child.operation, enclosing
+        yield from nested_ops(child.operation, enclosing + (child.operation.name,))
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float32])
+def test_cuda_lowering_loads_tiles_outside_branches(dtype):
+  """Each kernel's tile loops load unconditionally (Triton's software pipeliner
+  can prefetch only such loads), with the table's launch parameters, and
+  float32 dots are exact (IEEE, not TF32)."""
   batch, length, heads, kv_heads, head_dim = 2, 300, 8, 2, 80
-  q = jax.ShapeDtypeStruct((batch, length, heads, head_dim), jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((batch, length, heads, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((batch, length, kv_heads, head_dim), dtype)
   segment_ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   loss = lambda q, k, v, s: jnp.sum(flash_attention(q, k, v, s).astype(jnp.float32))
-  step = jax.value_and_grad(loss, argnums=(0, 1, 2))
-  hlo = jax.jit(step).trace(q, kv, kv, segment_ids).lower(lowering_platforms=('cuda',)).as_text()
-  assert hlo.count('__gpu$xla.gpu.triton') == 3
-  assert set(re.findall(r'name = \\?"(flash_attention_\w+)', hlo)) == {
-      'flash_attention_forward', 'flash_attention_dq', 'flash_attention_dkv'}
+  kernels = triton_kernels(jax.value_and_grad(loss, argnums=(0, 1, 2)), q, kv, kv, segment_ids)
+  forward, backward = launches(128, dtype, BlockSizes(), length)  # head_dim 80 pads to 128
+  expected = {'flash_attention_forward': forward, 'flash_attention_dq': backward,
+              'flash_attention_dkv': backward}
+  assert set(kernels) == set(expected)
+  for name, (module, config) in kernels.items():
+    launch = (ir.IntegerAttr(config['num_warps']).value, ir.IntegerAttr(config['num_stages']).value)
+    assert launch == (expected[name].num_warps, expected[name].num_stages), name
+    ops = list(nested_ops(module.operation))
+    tile_loads = [enclosing for op, enclosing in ops if op.name == 'tt.load' and 'scf.for' in enclosing
+                  and isinstance(op.results[0].type, ir.RankedTensorType)
+                  and op.results[0].type.rank == 2]
+    assert tile_loads, f'{name}: no tile loads inside a loop'
+    for enclosing in tile_loads:
+      assert 'scf.if' not in enclosing, f'{name}: a tile load inside a branch: {enclosing}'
+    if dtype == jnp.float32:
+      precisions = {ir.IntegerAttr(op.attributes['inputPrecision']).value
+                    for op, _ in ops if op.name == 'tt.dot'}
+      assert precisions == {int(tt_dialect.InputPrecision.IEEE)}, f'{name}: {precisions}'
 
 
 def test_rejects_mismatched_inputs():
@@ -144,3 +232,16 @@ def test_rejects_mismatched_inputs():
     flash_attention(q, q.astype(jnp.bfloat16), q.astype(jnp.bfloat16), interpret=True)
   with pytest.raises(ValueError, match='power of two'):
     flash_attention(q, q, q, block_sizes=BlockSizes(block_q=48), interpret=True)
+  q = jnp.zeros((1, 32, 1, 320), jnp.bfloat16)
+  with pytest.raises(ValueError, match='head_dim 320 is above 256'):
+    flash_attention(q, q, q, interpret=True)
+
+
+def test_launches_take_the_table_and_the_given_blocks():
+  forward, backward = launches(128, jnp.bfloat16, BlockSizes(), 4096)
+  assert (forward, backward) == LAUNCH_TABLE[128, 2]
+  # float16 shares bfloat16's row; head_dim 32 takes the 64 row; a given block
+  # replaces the table's; blocks are cut to the (power-of-two) length.
+  forward, backward = launches(32, jnp.float16, BlockSizes(backward_k=16), 40)
+  assert forward == dataclasses.replace(LAUNCH_TABLE[64, 2][0], block_q=64)
+  assert backward == dataclasses.replace(LAUNCH_TABLE[64, 2][1], block_k=16)

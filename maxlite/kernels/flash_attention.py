@@ -2,7 +2,9 @@
 
 Shape legend: B batch, T length (self-attention: queries and keys alike), N
 query heads, K kv heads, G = N // K query heads per kv head, H head dim, I
-query blocks, J key blocks.
+query blocks, J key blocks; X, Y the blocks a kernel's programs own and the
+blocks each one loops over (I and J, or J and I); R = ceil(Y / 2), the most
+pieces of one class a row can hold, and P = 1 + 2R, a row's piece table.
 
 A query attends to a key when their segment ids are equal and, if causal, the
 key's index is not after the query's. Within a packed row whose positions
@@ -14,12 +16,35 @@ runs, `block_schedule` classifies each tile from the min and max segment id
 of its query and key blocks (and from the diagonal, if causal): SKIP (no pair
 can attend: disjoint id ranges, or wholly above the diagonal), FULL (one
 document on both sides and wholly below the diagonal: no mask needed) or
-PARTIAL (element mask). Each block row then loops only over the span of tiles
-that are not SKIP, and skips the SKIP ones inside it; with packed rows, whose
-ids never decrease, the span is exactly the document's tiles.
+PARTIAL (element mask). `loop_pieces` lists each block row's pieces: runs of
+consecutive PARTIAL tiles, and runs of consecutive FULL ones. A kernel loops
+over the PARTIAL pieces, and within each over its tiles with the mask, then
+over the FULL pieces without it; SKIP tiles are never visited. With packed
+rows, whose ids never decrease, a row has one FULL piece (the document's
+interior) and at most two PARTIAL ones (where the document starts and the
+diagonal); in the dk/dv kernel, trailing padding can add a third: the last
+query block, whose id range then spans the row.
+
+No tile load sits in a branch: the mask is a select on the scores, and the
+tile class picks which loop visits a tile, not whether a loop body loads.
+Triton's software pipeliner can then issue the next tiles' loads while the
+current one computes (num_stages); a branch per tile around the loads, as in
+a switch on the class, would stop it.
+
+Block sizes, num_warps and num_stages come from `LAUNCH_TABLE`, by head dim
+and dtype, for the forward and the backward separately; `block_sizes`
+overrides the blocks.
+
+float32 inputs get exact float32 dots (precision=HIGHEST, Triton's IEEE input
+precision), not TF32's 10-bit mantissas: whoever asks for float32 attention
+asks for its accuracy. Those dots run on the CUDA cores, about 15x below the
+bfloat16 tensor-core peak on an H100 (67 vs 989 dense TFLOP/s, NVIDIA's data
+sheet); bfloat16 and float16 inputs use the tensor cores, accumulating in
+float32.
 
 Lengths are padded to a multiple of the block size with a segment id that no
-token has, and head dims to a power of two (64 and 128 need no padding).
+token has, and head dims to a power of two (64 and 128 need no padding), at
+most 256, the table's largest.
 """
 import dataclasses
 import functools
@@ -44,18 +69,55 @@ KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two, >= 16 for the tensor cores) of the three kernels."""
-  block_q: int = 128
-  block_k: int = 64
-  backward_q: int = 64
-  backward_k: int = 64
+  """Tile sizes (powers of two, >= 16 for the tensor cores); None: `LAUNCH_TABLE`'s."""
+  block_q: int | None = None
+  block_k: int | None = None
+  backward_q: int | None = None
+  backward_k: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+  """One kernel's tile (block_q x block_k) and Triton launch parameters.
+
+  In the dk/dv kernel block_k is the program's own block and block_q the tile it loops over."""
+  block_q: int
+  block_k: int
+  num_warps: int
+  num_stages: int
+
+
+# (largest head_dim, bytes per element): (forward, backward: dq and dk/dv alike);
+# bfloat16 and float16 share the 2-byte rows. These are starting points, not
+# measurements: no GPU was at hand to tune them, so they come from arithmetic
+# on a Hopper SM (at most 227 KiB of shared memory per program, 64K 32-bit
+# registers). A pipelined loop keeps num_stages copies of the two tiles it
+# loads per step (K and V; Q and dO in dk/dv) in shared memory, beside the
+# tiles it holds throughout (Q; Q and dO in dq; K and V in dk/dv); the comments
+# add these up, and every row stays at or below 128 KiB, leaving room for
+# Triton's layout conversions. Warps grow with the float32 accumulators
+# (out; dK and dV), so that they take at most 64 registers per thread. float32
+# has twice the bytes per element and its dots run on the CUDA cores, an order
+# of magnitude slower: tiles of a quarter the area, and two stages hide a
+# load behind such dots. Re-tune with benchmarks/attention.py on the GPU you
+# train on.
+LAUNCH_TABLE = {
+    # Launch(block_q, block_k, num_warps, num_stages)            KiB: stages x loaded + held
+    (64, 2): (Launch(128, 64, 4, 3), Launch(64, 64, 4, 2)),    # 3 x 16 + 16,  2 x 16 + 16
+    (128, 2): (Launch(128, 64, 8, 3), Launch(64, 64, 8, 2)),   # 3 x 32 + 32,  2 x 32 + 32
+    (256, 2): (Launch(64, 32, 8, 2), Launch(32, 32, 8, 2)),    # 2 x 32 + 32,  2 x 32 + 32
+    (64, 4): (Launch(64, 32, 4, 2), Launch(32, 32, 4, 2)),     # 2 x 16 + 16,  2 x 16 + 16
+    (128, 4): (Launch(64, 32, 4, 2), Launch(32, 32, 4, 2)),    # 2 x 32 + 32,  2 x 32 + 32
+    (256, 4): (Launch(32, 16, 4, 2), Launch(16, 16, 4, 2)),    # 2 x 32 + 32,  2 x 32 + 32
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class _Static:
   causal: bool
   softmax_scale: float
-  blocks: BlockSizes
+  forward: Launch
+  backward: Launch
   interpret: bool
 
 
@@ -73,21 +135,23 @@ def flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, causal: bool
 
   segment_ids_BT: int document id per token (None: one document); any value
   but int32's minimum, which marks padding. softmax_scale defaults to
-  head_dim ** -0.5. With return_lse, also returns the natural-log
-  log-sum-exp of the masked scaled scores, [B, N, T] float32; both outputs
-  are differentiable. interpret=True runs the kernels as plain JAX (CPU).
+  head_dim ** -0.5. block_sizes: tile sizes in place of `LAUNCH_TABLE`'s
+  (None, or a None field: the table's). With return_lse, also returns the
+  natural-log log-sum-exp of the masked scaled scores, [B, N, T] float32;
+  both outputs are differentiable. interpret=True runs the kernels as plain
+  JAX (CPU).
   """
   batch, length, num_heads, head_dim = q_BTNH.shape
   _check_inputs(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-  blocks = _fit_blocks(block_sizes or BlockSizes(), length)
-  static = _Static(causal, head_dim ** -0.5 if softmax_scale is None else float(softmax_scale),
-                   blocks, interpret)
-  if segment_ids_BT is None:
-    segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
-  multiple = max(dataclasses.astuple(blocks))
-  padded_length = -(-length // multiple) * multiple
   # 16: the smallest dot the tensor cores take.
   padded_dim = max(16, pl.next_power_of_2(head_dim))
+  forward, backward = launches(padded_dim, q_BTNH.dtype, block_sizes or BlockSizes(), length)
+  static = _Static(causal, head_dim ** -0.5 if softmax_scale is None else float(softmax_scale),
+                   forward, backward, interpret)
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
+  multiple = max(forward.block_q, forward.block_k, backward.block_q, backward.block_k)
+  padded_length = -(-length // multiple) * multiple
   # Zero head-dim padding adds nothing to q.k and yields zero output columns.
   pad = ((0, 0), (0, padded_length - length), (0, 0), (0, padded_dim - head_dim))
   segment_ids_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, padded_length - length)),
@@ -141,17 +205,32 @@ def _check_inputs(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
   if q_BTNH.dtype not in KERNEL_DTYPES or k_BTKH.dtype != q_BTNH.dtype or v_BTKH.dtype != q_BTNH.dtype:
     raise ValueError(f'flash_attention: dtypes {q_BTNH.dtype}, {k_BTKH.dtype}, {v_BTKH.dtype}; '
                      'q, k and v must share one of bfloat16, float16, float32')
+  largest = max(dim for dim, _ in LAUNCH_TABLE)
+  if head_dim > largest:
+    raise ValueError(f'flash_attention: head_dim {head_dim} is above {largest}, the largest in '
+                     'LAUNCH_TABLE')
   if segment_ids_BT is not None and segment_ids_BT.shape != (batch, length):
     raise ValueError(f'flash_attention: segment_ids {segment_ids_BT.shape} must be {(batch, length)}')
 
 
-def _fit_blocks(blocks: BlockSizes, length: int) -> BlockSizes:
-  """Blocks no longer than the (power-of-two rounded) length, so short inputs pad little."""
-  for name, size in dataclasses.asdict(blocks).items():
-    if size < 1 or size & (size - 1):
+def launches(head_dim: int, dtype, block_sizes: BlockSizes, length: int) -> tuple[Launch, Launch]:
+  """The forward and backward `Launch` for a (padded) head_dim and dtype.
+
+  block_sizes' fields that are not None replace the table's blocks; every
+  block is then cut to the (power-of-two rounded) length, so short inputs pad little.
+  """
+  for name, size in dataclasses.asdict(block_sizes).items():
+    if size is not None and (size < 1 or size & (size - 1)):
       raise ValueError(f'flash_attention: {name}={size} must be a power of two')
+  row = min(dim for dim, _ in LAUNCH_TABLE if dim >= head_dim)
+  forward, backward = LAUNCH_TABLE[row, jnp.dtype(dtype).itemsize]
   longest = max(16, pl.next_power_of_2(length))
-  return BlockSizes(*(min(size, longest) for size in dataclasses.astuple(blocks)))
+
+  def fit(launch, block_q, block_k):
+    return dataclasses.replace(launch, block_q=min(block_q or launch.block_q, longest),
+                               block_k=min(block_k or launch.block_k, longest))
+  return (fit(forward, block_sizes.block_q, block_sizes.block_k),
+          fit(backward, block_sizes.backward_q, block_sizes.backward_k))
 
 
 def block_schedule(segment_ids_BT, block_q: int, block_k: int, causal: bool):
@@ -172,40 +251,72 @@ def block_schedule(segment_ids_BT, block_q: int, block_k: int, causal: bool):
   return jnp.where(visible_BIJ, jnp.where(one_document_BIJ, FULL, PARTIAL), SKIP).astype(jnp.int32)
 
 
-def _spans(class_BXY):
-  """[B, X, 2] int32: the first and one past the last tile of each row that is not SKIP.
+def loop_pieces(class_BXY):
+  """[B, X, 2, P] int32: per block row, its PARTIAL pieces then its FULL ones.
 
-  Never empty: every block row sees the tile on the diagonal."""
-  visible_BXY = class_BXY != SKIP
-  last = class_BXY.shape[-1]
-  first_BX = jnp.argmax(visible_BXY, axis=-1)
-  end_BX = last - jnp.argmax(visible_BXY[..., ::-1], axis=-1)
-  return jnp.stack([first_BX, end_BX], axis=-1).astype(jnp.int32)
+  A piece is a maximal run of consecutive tiles of one class. Each of the two
+  tables is [count, start, end, start, end, ...], pieces in order, unused
+  entries Y; the kernels read the count and the pieces it covers, nothing else.
+  """
+  num_tiles = class_BXY.shape[-1]
+  most = (num_tiles + 1) // 2
+  index_Y = jnp.arange(num_tiles)
+  no_tile = jnp.zeros(class_BXY.shape[:-1] + (1,), bool)
+  tables = []
+  for kind in (PARTIAL, FULL):
+    is_BXY = class_BXY == kind
+    starts_BXY = is_BXY & ~jnp.concatenate([no_tile, is_BXY[..., :-1]], axis=-1)
+    ends_BXY = is_BXY & ~jnp.concatenate([is_BXY[..., 1:], no_tile], axis=-1)
+    # Sorting moves the pieces' starts (and ends) to the front, in order.
+    start_BXR = jnp.sort(jnp.where(starts_BXY, index_Y, num_tiles), axis=-1)[..., :most]
+    end_BXR = jnp.sort(jnp.where(ends_BXY, index_Y + 1, num_tiles), axis=-1)[..., :most]
+    bounds_BXR2 = jnp.stack([start_BXR, end_BXR], axis=-1)
+    tables.append(jnp.concatenate([starts_BXY.sum(-1, keepdims=True),
+                                   bounds_BXR2.reshape(*start_BXR.shape[:-1], 2 * most)], axis=-1))
+  return jnp.stack(tables, axis=2).astype(jnp.int32)
 
 
-def _masked_scores(q_tH, k_tH, scale2, segments_q_t, segments_k_t, rows_t, cols_t, causal, masked):
-  """Scores in log2 units (exp2 is the cheap exponential on GPUs), masked where asked."""
-  scores_tt = pl_triton.dot(q_tH, k_tH, trans_b=True) * scale2
-  if not masked:
-    return scores_tt
+def _tile_mask(segments_q_t, segments_k_t, rows_t, cols_t, causal):
   mask_tt = segments_q_t[:, None] == segments_k_t[None, :]
   if causal:
     mask_tt &= rows_t[:, None] >= cols_t[None, :]
-  return jnp.where(mask_tt, scores_tt, MASK_VALUE)
+  return mask_tt
 
 
-def _loop_tiles(span_ref, class_ref, visit, carry):
-  """Runs visit(index, carry, masked) over the span's tiles, by class."""
-  def body(index, carry):
-    return lax.switch(class_ref[index], (lambda c: c, functools.partial(visit, index, masked=True),
-                                         functools.partial(visit, index, masked=False)), carry)
-  return lax.fori_loop(span_ref[0], span_ref[1], body, carry)
+def _dot(a, b, **transpose):
+  """pl.dot at HIGHEST precision: exact for float32 inputs (Triton's IEEE rather
+  than TF32); bfloat16 and float16 inputs take the tensor cores either way."""
+  return pl_triton.dot(a, b, precision=lax.Precision.HIGHEST, **transpose)
+
+
+def _scores(q_tH, k_tH, scale2, mask_tt=None):
+  """Scores in log2 units (exp2 is the cheap exponential on GPUs), masked where mask_tt is False.
+
+  A mask is a select on the scores: no load depends on it."""
+  scores_tt = _dot(q_tH, k_tH, trans_b=True) * scale2
+  return scores_tt if mask_tt is None else jnp.where(mask_tt, scores_tt, MASK_VALUE)
+
+
+def _loop_tiles(pieces_ref, visit, carry):
+  """Runs visit(index, carry, masked) over a block row's PARTIAL tiles, masked,
+  then over its FULL ones, unmasked, a loop per piece (see `loop_pieces`).
+
+  The inner loops are straight-line code whose loads are unconditional and
+  affine in the index, which is what Triton's software pipeliner needs to
+  prefetch the next tiles; the order of the tiles does not matter to the sums.
+  """
+  for kind, masked in ((0, True), (1, False)):
+    def piece(p, carry, kind=kind, masked=masked):
+      start, end = pieces_ref[kind, 1 + 2 * p], pieces_ref[kind, 2 + 2 * p]
+      return lax.fori_loop(start, end, functools.partial(visit, masked=masked), carry)
+    carry = lax.fori_loop(0, pieces_ref[kind, 0], piece, carry)
+  return carry
 
 
 # -- forward -------------------------------------------------------------------------------------
 
-def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, span_ref, class_ref,
-                    out_ref, lse_ref, *, scale2, causal, block_k):
+def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, pieces_ref, out_ref,
+                    lse_ref, *, scale2, causal, block_k):
   block_q, head_dim = q_ref.shape
   q_tH = q_ref[...]
   segments_q_t = segments_q_ref[...]
@@ -214,18 +325,19 @@ def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, span_re
   def visit(j, carry, masked):
     acc_tH, max_t, sum_t = carry
     cols = pl.ds(j * block_k, block_k)
-    scores_tt = _masked_scores(q_tH, k_ref[cols, :], scale2, segments_q_t, segments_k_ref[cols],
-                               rows_t, j * block_k + jnp.arange(block_k), causal, masked)
+    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t,
+                          j * block_k + jnp.arange(block_k), causal) if masked else None)
+    scores_tt = _scores(q_tH, k_ref[cols, :], scale2, mask_tt)
     new_max_t = jnp.maximum(max_t, scores_tt.max(axis=1))
     rescale_t = jnp.exp2(max_t - new_max_t)
     probs_tt = jnp.exp2(scores_tt - new_max_t[:, None])
     v_tH = v_ref[cols, :]
-    acc_tH = acc_tH * rescale_t[:, None] + pl_triton.dot(probs_tt.astype(v_tH.dtype), v_tH)
+    acc_tH = acc_tH * rescale_t[:, None] + _dot(probs_tt.astype(v_tH.dtype), v_tH)
     return acc_tH, new_max_t, sum_t * rescale_t + probs_tt.sum(axis=1)
 
   init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc_tH, max_t, sum_t = _loop_tiles(span_ref, class_ref, visit, init)
+  acc_tH, max_t, sum_t = _loop_tiles(pieces_ref, visit, init)
   out_ref[...] = (acc_tH / sum_t[:, None]).astype(out_ref.dtype)
   lse_ref[...] = max_t + jnp.log2(sum_t)
 
@@ -234,8 +346,9 @@ def _forward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
   """(out [B, T, N, H], log2-sum-exp2 of the log2-unit scores [B, N, T] float32)."""
   batch, length, num_heads, head_dim = q_BTNH.shape
   groups = num_heads // k_BTKH.shape[2]
-  block_q, block_k = static.blocks.block_q, static.blocks.block_k
-  class_BIJ = block_schedule(segment_ids_BT, block_q, block_k, static.causal)
+  launch = static.forward
+  block_q, block_k = launch.block_q, launch.block_k
+  pieces_BI2P = loop_pieces(block_schedule(segment_ids_BT, block_q, block_k, static.causal))
   kernel = functools.partial(_forward_kernel, scale2=static.softmax_scale * LOG2_E,
                              causal=static.causal, block_k=block_k)
   # Grid (I, B, N): one program per query block and head; K and V of the
@@ -247,20 +360,19 @@ def _forward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
       in_specs=[q_spec, kv_spec, kv_spec,
                 pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
                 pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
-                pl.BlockSpec((None, None, 2), lambda i, b, n: (b, i, 0)),
-                pl.BlockSpec((None, None, class_BIJ.shape[2]), lambda i, b, n: (b, i, 0))],
+                pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
                  jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)],
-      compiler_params=triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+      compiler_params=triton_compiler_params(launch.num_warps, launch.num_stages),
       interpret=static.interpret, name='flash_attention_forward',
-  )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, _spans(class_BIJ), class_BIJ)
+  )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, pieces_BI2P)
 
 
 # -- backward ------------------------------------------------------------------------------------
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref, segments_k_ref,
-               span_ref, class_ref, dq_ref, *, scale2, causal, block_k):
+               pieces_ref, dq_ref, *, scale2, causal, block_k):
   block_q, head_dim = q_ref.shape
   q_tH, dout_tH = q_ref[...], dout_ref[...]
   lse2_t, delta_t = lse_ref[...], delta_ref[...]
@@ -270,18 +382,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref
   def visit(j, dq_tH, masked):
     cols = pl.ds(j * block_k, block_k)
     k_tH, v_tH = k_ref[cols, :], v_ref[cols, :]
-    scores_tt = _masked_scores(q_tH, k_tH, scale2, segments_q_t, segments_k_ref[cols], rows_t,
-                               j * block_k + jnp.arange(block_k), causal, masked)
-    probs_tt = jnp.exp2(scores_tt - lse2_t[:, None])
-    dscores_tt = probs_tt * (pl_triton.dot(dout_tH, v_tH, trans_b=True) - delta_t[:, None])
-    return dq_tH + pl_triton.dot(dscores_tt.astype(k_tH.dtype), k_tH)
+    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t,
+                          j * block_k + jnp.arange(block_k), causal) if masked else None)
+    probs_tt = jnp.exp2(_scores(q_tH, k_tH, scale2, mask_tt) - lse2_t[:, None])
+    dscores_tt = probs_tt * (_dot(dout_tH, v_tH, trans_b=True) - delta_t[:, None])
+    return dq_tH + _dot(dscores_tt.astype(k_tH.dtype), k_tH)
 
-  dq_tH = _loop_tiles(span_ref, class_ref, visit, jnp.zeros((block_q, head_dim), jnp.float32))
+  dq_tH = _loop_tiles(pieces_ref, visit, jnp.zeros((block_q, head_dim), jnp.float32))
   dq_ref[...] = (dq_tH * (scale2 / LOG2_E)).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref, segments_k_ref,
-                span_ref, class_ref, dk_ref, dv_ref, *, scale2, causal, block_q, groups):
+                pieces_ref, dk_ref, dv_ref, *, scale2, causal, block_q, groups):
   block_k, head_dim = k_ref.shape
   k_tH, v_tH = k_ref[...], v_ref[...]
   segments_k_t = segments_k_ref[...]
@@ -291,17 +403,17 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_re
     dk_tH, dv_tH = carry
     rows = pl.ds(i * block_q, block_q)
     q_tH, dout_tH = q_ref[rows, g, :], dout_ref[rows, g, :]
-    scores_tt = _masked_scores(q_tH, k_tH, scale2, segments_q_ref[rows], segments_k_t,
-                               i * block_q + jnp.arange(block_q), cols_t, causal, masked)
-    probs_tt = jnp.exp2(scores_tt - lse_ref[g, rows][:, None])
-    dv_tH += pl_triton.dot(probs_tt.astype(dout_tH.dtype), dout_tH, trans_a=True)
-    dscores_tt = probs_tt * (pl_triton.dot(dout_tH, v_tH, trans_b=True) - delta_ref[g, rows][:, None])
-    return dk_tH + pl_triton.dot(dscores_tt.astype(q_tH.dtype), q_tH, trans_a=True), dv_tH
+    mask_tt = (_tile_mask(segments_q_ref[rows], segments_k_t, i * block_q + jnp.arange(block_q),
+                          cols_t, causal) if masked else None)
+    probs_tt = jnp.exp2(_scores(q_tH, k_tH, scale2, mask_tt) - lse_ref[g, rows][:, None])
+    dv_tH += _dot(probs_tt.astype(dout_tH.dtype), dout_tH, trans_a=True)
+    dscores_tt = probs_tt * (_dot(dout_tH, v_tH, trans_b=True) - delta_ref[g, rows][:, None])
+    return dk_tH + _dot(dscores_tt.astype(q_tH.dtype), q_tH, trans_a=True), dv_tH
 
   # dK and dV sum over the G query heads that share this kv head, in registers,
   # so that no per-query-head copy of them is written.
   def one_head(g, carry):
-    return _loop_tiles(span_ref, class_ref, functools.partial(visit, g), carry)
+    return _loop_tiles(pieces_ref, functools.partial(visit, g), carry)
 
   zeros = jnp.zeros((block_k, head_dim), jnp.float32)
   dk_tH, dv_tH = lax.fori_loop(0, groups, one_head, (zeros, zeros))
@@ -314,11 +426,12 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
   batch, length, num_heads, head_dim = q_BTNH.shape
   num_kv_heads = k_BTKH.shape[2]
   groups = num_heads // num_kv_heads
-  block_q, block_k = static.blocks.backward_q, static.blocks.backward_k
+  launch = static.backward
+  block_q, block_k = launch.block_q, launch.block_k
   class_BIJ = block_schedule(segment_ids_BT, block_q, block_k, static.causal)
-  class_BJI = class_BIJ.swapaxes(1, 2)
+  pieces_BI2P, pieces_BJ2P = loop_pieces(class_BIJ), loop_pieces(class_BIJ.swapaxes(1, 2))
   kw = dict(scale2=static.softmax_scale * LOG2_E, causal=static.causal)
-  params = triton_compiler_params(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+  params = triton_compiler_params(launch.num_warps, launch.num_stages)
   inputs = (q_BTNH, k_BTKH, v_BTKH, dout_BTNH, lse2_BNT, delta_BNT, segment_ids_BT, segment_ids_BT)
 
   # dQ: grid (I, B, N), like the forward.
@@ -330,11 +443,10 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                 pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
                 pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
-                pl.BlockSpec((None, None, 2), lambda i, b, n: (b, i, 0)),
-                pl.BlockSpec((None, None, class_BIJ.shape[2]), lambda i, b, n: (b, i, 0))],
+                pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
       out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
       compiler_params=params, interpret=static.interpret, name='flash_attention_dq',
-  )(*inputs, _spans(class_BIJ), class_BIJ)
+  )(*inputs, pieces_BI2P)
 
   # dK, dV: grid (J, B, K); a program reads all G query heads of its kv head
   # ([B, T, K, G, H] is a free reshape of [B, T, N, H]).
@@ -349,13 +461,12 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                 pl.BlockSpec((None, length), lambda j, b, k: (b, 0)),
                 pl.BlockSpec((None, block_k), lambda j, b, k: (b, j)),
-                pl.BlockSpec((None, None, 2), lambda j, b, k: (b, j, 0)),
-                pl.BlockSpec((None, None, class_BJI.shape[2]), lambda j, b, k: (b, j, 0))],
+                pl.BlockSpec((None, None) + pieces_BJ2P.shape[2:], lambda j, b, k: (b, j, 0, 0))],
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k_BTKH.shape, k_BTKH.dtype)] * 2,
       compiler_params=params, interpret=static.interpret, name='flash_attention_dkv',
   )(grouped(q_BTNH), k_BTKH, v_BTKH, grouped(dout_BTNH), per_head(lse2_BNT), per_head(delta_BNT),
-    segment_ids_BT, segment_ids_BT, _spans(class_BJI), class_BJI)
+    segment_ids_BT, segment_ids_BT, pieces_BJ2P)
   return dq_BTNH, dk_BTKH, dv_BTKH
 
 
