@@ -79,6 +79,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.95
   optim.eps = 1e-8
   optim.grad_clip = 1.0  # global norm; 0 disables
+  # dtype in which gradients are summed across devices (fsdp reduce-scatter,
+  # data all-reduce). float32: a sum over many devices keeps its low bits.
+  optim.grad_reduce_dtype = 'float32'
 
   parallel = config.parallel = ml_collections.ConfigDict()
   parallel.data = -1  # one axis may be -1: it takes the remaining devices

@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
@@ -46,6 +48,50 @@ def checkpoint_dir(run_dir) -> pathlib.Path:
 
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _as_saved(target, saved_shapes):
+  """The restore target in the shapes the checkpoint holds.
+
+  Only the vocabulary's padding (maxlite.config.padded_vocab_size) changes
+  shapes between meshes; such an array is read whole in its saved shape,
+  replicated wherever its saved size does not divide, and then padded with
+  zeros or cut by `_to_target`.
+  """
+  def saved(x, shape):
+    shape = tuple(shape)
+    if shape == tuple(x.shape) or len(shape) != len(x.shape):
+      return x
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+      spec = [axes if axes is None or dim % _split(sharding.mesh, axes) == 0 else None
+              for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * len(shape))]
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
+  return jax.tree.map(saved, target, saved_shapes)
+
+
+def _split(mesh, axes) -> int:
+  axes = axes if isinstance(axes, tuple) else (axes,)
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def _to_target(restored, target):
+  """Pads with zeros or cuts each restored array to its target's shape and sharding."""
+  def fit(x, want):
+    if x.shape == want.shape:
+      return x
+    def resize(x):
+      x = x[tuple(slice(0, min(a, b)) for a, b in zip(x.shape, want.shape))]
+      return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, want.shape)])
+    return jax.jit(resize, out_shardings=want.sharding)(x)
+  return jax.tree.map(fit, restored, target)
+
+
+def _saved_shapes(metadata, target):
+  """The shapes of a checkpoint's arrays, as a tree matching `target`."""
+  return jax.tree.map(lambda x, m: tuple(getattr(m, 'shape', x.shape)), target, metadata,
+                      is_leaf=lambda m: hasattr(m, 'shape'))
 
 
 class Checkpointer:
@@ -85,9 +131,11 @@ class Checkpointer:
 
   def restore(self, step: int, state, shardings):
     """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
+    target = _abstract(state, shardings)
+    saved = _as_saved(target, _saved_shapes(self.manager.item_metadata(step)['state'], target))
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(state, shardings))))
-    return restored.state
+        state=ocp.args.StandardRestore(saved)))
+    return _to_target(restored.state, target)
 
   def restore_latest(self, state, shardings, warn: Callable[[str], None]):
     """(step, state) from the newest readable checkpoint, or (None, state) when there is none.
@@ -177,7 +225,11 @@ def load_params(run_dir, step: int, abstract_params, shardings):
     shardings = jax.tree.map(lambda _: shardings, abstract_params)
   target = {'params': _abstract(abstract_params, shardings)}
   with ocp.PyTreeCheckpointer() as checkpointer:
+    metadata = checkpointer.metadata(folder / 'state')
+    metadata = getattr(metadata, 'item_metadata', metadata) or metadata
+    saved = {'params': _as_saved(target['params'],
+                                 _saved_shapes(metadata['params'], target['params']))}
     restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        item=saved, restore_args=ocp.checkpoint_utils.construct_restore_args(saved),
         partial_restore=True))
-  return restored['params']
+  return _to_target(restored['params'], target['params'])

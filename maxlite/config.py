@@ -125,11 +125,24 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   for field in ('init_timeout_s', 'heartbeat_timeout_s'):
     _require(dist[field] >= 1, f'distributed.{field}={dist[field]} must be >= 1')
 
+  _require(optim.grad_reduce_dtype in ('float32', 'bfloat16'),
+           f"optim.grad_reduce_dtype={optim.grad_reduce_dtype!r} is not one of ('float32', 'bfloat16')")
+
   sizes = mesh_shape(config.parallel, num_devices)
+  # Every sharded dimension must divide evenly: each device runs the model on
+  # its own shards (maxlite.model.parallel), so a replicated fallback would
+  # silently change what crosses the mesh.
   tensor = sizes['tensor']
   for field in ('num_heads', 'num_kv_heads', 'intermediate_size'):
     _require(model[field] % tensor == 0,
-             f'parallel.tensor={tensor} does not divide model.{field}={model[field]}')
+             f'parallel.tensor={tensor} does not divide model.{field}={model[field]}'
+             + (' (key/value heads are not replicated across tensor ranks)'
+                if field == 'num_kv_heads' else ''))
+  _require(config.data.seq_len % tensor == 0,
+           f'parallel.tensor={tensor} does not divide data.seq_len={config.data.seq_len} '
+           '(the residual stream is split along its length between blocks)')
+  _require(model.hidden_size % sizes['fsdp'] == 0,
+           f'parallel.fsdp={sizes["fsdp"]} does not divide model.hidden_size={model.hidden_size}')
   batch_shards = sizes['data'] * sizes['fsdp']
   _require(train.micro_batch_size % batch_shards == 0,
            f'train.micro_batch_size={train.micro_batch_size} (global batch '
@@ -166,11 +179,32 @@ def _validate_pipeline(config, sizes):
            f'parallel.pipeline_microbatches={micro} x parallel.data*parallel.fsdp={batch_shards}')
 
 
+def model_fields(config, sizes: dict[str, int]) -> dict:
+  """The model's fields that the mesh and the other config groups decide."""
+  float64 = config.model.param_dtype == 'float64'
+  return {**pipeline_fields(config.parallel, sizes),
+          'padded_vocab_size': padded_vocab_size(config.model.vocab_size, sizes['tensor']),
+          # float64 runs (the numerics tests) sum in float64 too.
+          'grad_reduce_dtype': 'float64' if float64 else config.optim.grad_reduce_dtype}
+
+
 def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
   """The model's pipeline_* fields for a validated config and its resolved mesh."""
   return {'pipeline_stages': sizes['pipeline'],
           'pipeline_microbatches': parallel.pipeline_microbatches or sizes['pipeline'],
           'pipeline_repeats': parallel.pipeline_repeats}
+
+
+def padded_vocab_size(vocab_size: int, tensor: int) -> int:
+  """The embedding's row count: vocab_size rounded up to a multiple of 128 x tensor.
+
+  128 keeps the LM-head matmul on whole tensor-core tiles, and the tensor
+  factor gives every tensor rank an equal, aligned slice. The padding rows
+  are zero and their logits are masked, so no padding id is ever predicted;
+  checkpoints written with another padding restore by padding or cutting rows.
+  """
+  multiple = 128 * tensor
+  return -(-vocab_size // multiple) * multiple
 
 
 def matmul_params(model) -> int:

@@ -31,7 +31,10 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from maxlite import checkpoint, mesh as mesh_lib, state as state_lib
+from maxlite.config import padded_vocab_size
 from maxlite.data import tokenizers
 from maxlite.model.llama import CACHE, KVCache, LlamaConfig
 
@@ -96,31 +99,41 @@ class Sampler:
     self.cfg, self.mesh, self.max_seq_len = cfg, mesh, max_seq_len
     self.compute_dtype = jnp.dtype(compute_dtype)
     self.graphdef, abstract, logical = state_lib.abstract_model(cfg)
-    params = jax.device_put(params, mesh_lib.tree_shardings(mesh, logical, abstract))
+    shardings = mesh_lib.tree_shardings(mesh, logical, abstract)
+    params = jax.device_put(params, shardings)
     self.params = jax.tree.map(lambda p: p.astype(self.compute_dtype), params)
+    self.param_specs = jax.tree.map(lambda s: s.spec, shardings)
     self._prefill = jax.jit(self._prefill_fn, static_argnames='sampling', donate_argnames='cache')
     self._step = jax.jit(self._step_fn, static_argnames='sampling', donate_argnames='cache')
 
+  def _decode(self, params, tokens_BT, positions_BT, cache: KVCache):
+    """The model's decode, run per device on the tensor-split weights and cache."""
+    def per_device(params, tokens_BT, positions_BT, cache):
+      model = nnx.merge(self.graphdef, params)
+      return model.decode(tokens_BT, positions_BT, cache, compute_dtype=self.compute_dtype)
+    cache_spec = self._cache_spec(cache.k_LBSKH.shape)
+    return mesh_lib.per_device(
+        per_device, self.mesh, in_specs=(self.param_specs, P(), P(), KVCache(cache_spec, cache_spec)),
+        out_specs=(P(), KVCache(cache_spec, cache_spec)))(params, tokens_BT, positions_BT, cache)
+
+  def _cache_spec(self, shape):
+    return mesh_lib.logical_to_spec(CACHE, shape, dict(self.mesh.shape))
+
   def _prefill_fn(self, params, cache, tokens_BT, lengths_B, key, *, sampling):
     """Fills the cache with the prompts; samples each row's first new token."""
-    model = nnx.merge(self.graphdef, params)
     positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    logits_BTV, cache = model.decode(tokens_BT, positions_BT, cache,
-                                     compute_dtype=self.compute_dtype)
+    logits_BTV, cache = self._decode(params, tokens_BT, positions_BT, cache)
     last_BV = jnp.take_along_axis(logits_BTV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     key, now = jax.random.split(key)
     return cache, sample_tokens(last_BV, now, sampling), lengths_B, key
 
   def _step_fn(self, params, cache, tokens_B, positions_B, key, *, sampling):
     """Feeds each row its newest token at its own position; samples the next."""
-    model = nnx.merge(self.graphdef, params)
-    logits_B1V, cache = model.decode(tokens_B[:, None], positions_B[:, None], cache,
-                                     compute_dtype=self.compute_dtype)
+    logits_B1V, cache = self._decode(params, tokens_B[:, None], positions_B[:, None], cache)
     key, now = jax.random.split(key)
     return cache, sample_tokens(logits_B1V[:, 0], now, sampling), positions_B + 1, key
 
   def _on_mesh(self, fn, *args, **kwargs):
-    # Activation constraints inside the model name mesh axes, so tracing needs the mesh.
     with jax.set_mesh(self.mesh):
       return fn(*args, **kwargs)
 
@@ -165,22 +178,30 @@ class Sampler:
   def _new_cache(self, batch: int, length: int) -> KVCache:
     make = functools.partial(KVCache.zeros, self.cfg, batch, length, self.compute_dtype)
     shape = (self.cfg.num_layers, batch, length, self.cfg.num_kv_heads, self.cfg.head_dim)
-    sharding = mesh_lib.named_sharding(self.mesh, CACHE, shape)
+    sharding = jax.sharding.NamedSharding(self.mesh, self._cache_spec(shape))
     return jax.jit(make, out_shardings=KVCache(sharding, sharding))()
 
 
-def tensor_mesh(devices=None):
-  """All `devices` (default: every one) on the 'tensor' axis: decoding reads
-  every weight once per token, so splitting weights beats gathering them
-  (fsdp). A dimension that does not divide stays replicated, so any count works."""
+def tensor_size(model, num_devices: int) -> int:
+  """The most devices (at most num_devices) that split the model's heads and MLP evenly."""
+  return max(t for t in range(1, num_devices + 1)
+             if model.num_heads % t == 0 and model.num_kv_heads % t == 0
+             and model.intermediate_size % t == 0)
+
+
+def tensor_mesh(model, devices=None):
+  """Devices (default: every one) on the 'tensor' axis, as many as split the
+  model evenly: decoding reads every weight once per token, so splitting
+  weights beats gathering them (fsdp)."""
   devices = jax.devices() if devices is None else list(devices)
+  devices = devices[:tensor_size(model, len(devices))]
   return mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': len(devices), 'pipeline': 1}, devices)
 
 
 def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, devices=None):
   """(step, Sampler, tokenizer) for checkpoint `step` of a run (None: its newest).
 
-  Only the parameters are read, straight onto `tensor_mesh(devices)`.
+  Only the parameters are read, straight onto `tensor_mesh(model, devices)`.
   """
   run_dir = pathlib.Path(run_dir)
   if not run_dir.is_dir():
@@ -192,8 +213,9 @@ def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, 
     raise ValueError(f'compute_dtype={compute_dtype!r} is not one of bfloat16, float32, float64')
   if 'float64' in (config.model.param_dtype, compute_dtype):
     jax.config.update('jax_enable_x64', True)
-  cfg = LlamaConfig.from_config(config.model)
-  mesh = tensor_mesh(devices)
+  mesh = tensor_mesh(config.model, devices)
+  cfg = LlamaConfig.from_config(config.model, padded_vocab_size=padded_vocab_size(
+      config.model.vocab_size, mesh.shape['tensor']))
   _, abstract, logical = state_lib.abstract_model(cfg)
   shardings = mesh_lib.tree_shardings(mesh, logical, abstract)
   params = checkpoint.load_params(run_dir, step, abstract, shardings)

@@ -92,7 +92,9 @@ def _get(tree: dict, path: tuple):
 def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str = 'float32') -> dict[str, np.ndarray]:
   """maxlite params (nested dict, stacked layers) -> HF Llama tensors by name, cast to dtype."""
   cast = np.dtype(_numpy_dtype(dtype))
-  host = jax.tree.map(np.asarray, params)
+  # The true vocabulary only: the padding rows are maxlite's (config.padded_vocab_size).
+  host = state_lib.resize_vocab(jax.tree.map(np.asarray, params), state_lib.abstract_model(cfg)[2],
+                                cfg.vocab_size)
   tensors = {}
   for name, (path, in_dims) in TOP_TENSORS.items():
     if name == 'lm_head' and cfg.tie_embeddings:
@@ -126,7 +128,7 @@ def hf_config(cfg: LlamaConfig, max_seq_len: int, tokenizer, dtype: str) -> dict
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
-      'vocab_size': cfg.vocab_size,  # the model's (maybe padded) vocab, not the tokenizer's
+      'vocab_size': cfg.vocab_size,  # the model's vocab (which may exceed the tokenizer's)
       'hidden_size': cfg.hidden_size,
       'intermediate_size': cfg.intermediate_size,
       'num_hidden_layers': cfg.num_layers,
@@ -255,8 +257,10 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
   if extra:
     raise ValueError(f'{hf_dir} has {len(extra)} tensor(s) a maxlite Llama does not use, e.g. {extra[0]}')
 
-  abstract = state_lib.abstract_model(cfg)[1]
-  params = jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract)
+  _, abstract, logical = state_lib.abstract_model(cfg)
+  # Filled at the true vocabulary's size, then padded with zero rows as the model keeps it.
+  params = state_lib.resize_vocab(jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract),
+                                  logical, cfg.vocab_size)
   by_file = {}
   for name in expected:
     by_file.setdefault(files[name], []).append(name)
@@ -275,7 +279,7 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
           target[...] = value
         else:
           target[layer] = value
-  return params
+  return state_lib.resize_vocab(params, logical, cfg.vocab_rows)
 
 
 # -- export -------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Parameters and activations name their dimensions with logical axes ('embed',
 'heads', ...). LOGICAL_AXIS_RULES maps each to mesh axes; nothing else in
-maxlite decides a sharding.
+maxlite decides a sharding. The steps run the model per device on the shards
+these rules give (`per_device`); what then crosses devices is written out in
+maxlite.model.parallel.
 """
 import math
 from collections.abc import Mapping
@@ -14,8 +16,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from maxlite.config import MESH_AXES
 
 # fsdp shards parameters (ZeRO-3) and the batch; data shards only the batch;
-# tensor is Megatron column/row parallelism on heads, mlp and vocab, and also
-# shards the residual stream's length between blocks (sequence parallelism).
+# tensor is Megatron column/row parallelism on heads, mlp and vocab (between
+# blocks it also splits the residual's length: maxlite.model.parallel);
 # pipeline splits the stacked layers into contiguous blocks, one per stage
 # (maxlite.model.pipeline).
 LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
@@ -31,8 +33,6 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     # activation dimensions
     'batch': ('data', 'fsdp'),
     'length': (),
-    'residual_length': ('tensor',),
-    'stages': ('pipeline',),  # the pipeline's per-stage buffers
 }
 
 # ZeRO-1: the optimizer state's 'embed' dimension is also split over `data`.
@@ -116,10 +116,24 @@ def tree_shardings(mesh: Mesh, logical_tree, abstract_tree, rules=LOGICAL_AXIS_R
                       logical_tree, abstract_tree)
 
 
-def constrain(x: jax.Array, logical: P) -> jax.Array:
-  """Pins an activation's sharding under the current mesh; a no-op without one."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  spec = logical_to_spec(logical, x.shape, dict(mesh.shape))
-  return jax.lax.with_sharding_constraint(x, spec)
+def sharded_dim(logical: P, axis: str) -> int | None:
+  """The dimension of an array named `logical` that the rules split over mesh `axis`, if any.
+
+  For parameters every such split divides evenly (config.validate checks it),
+  so inside the per-device step this is how a weight knows what to gather.
+  """
+  for dim, name in enumerate(logical):
+    if name is not None and axis in LOGICAL_AXIS_RULES[name]:
+      return dim
+  return None
+
+
+def per_device(fn, mesh: Mesh, in_specs, out_specs):
+  """fn run on every device of `mesh` with its own shards (a shard_map over every axis).
+
+  Inside, arrays are per-device blocks and mesh axes are addressed by name
+  (psum, all_gather, ...); the varying-axis checks stay on, so a parameter
+  that every device holds gets its gradient summed where JAX can prove it
+  must be.
+  """
+  return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)

@@ -82,6 +82,25 @@ def state_from_params(params, tx, shardings: TrainState) -> TrainState:
   return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
 
 
+def resize_vocab(params, logical_params, rows: int):
+  """Pads with zeros, or cuts, every parameter's 'vocab' dimension to `rows`.
+
+  The padding of the vocabulary depends on the mesh (maxlite.config.
+  padded_vocab_size); its rows are zeros, so this moves parameters between
+  paddings, and cuts them to the true vocabulary for export.
+  """
+  def resize(x, logical):
+    if 'vocab' not in tuple(logical):
+      return x
+    dim = tuple(logical).index('vocab')
+    if x.shape[dim] >= rows:
+      return x[(slice(None),) * dim + (slice(0, rows),)]
+    widths = [(0, 0)] * x.ndim
+    widths[dim] = (0, rows - x.shape[dim])
+    return np.pad(x, widths) if isinstance(x, np.ndarray) else jnp.pad(x, widths)
+  return jax.tree.map(resize, params, logical_params)
+
+
 def bytes_per_device(tree, shardings) -> int:
   """Bytes one device holds for a sharded pytree (shards are equal-sized here)."""
   total = 0

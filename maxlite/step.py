@@ -2,17 +2,30 @@
 
 A batch is a dict of [B, T] int32 arrays: inputs, targets, segment_ids (0 =
 padding), positions (restarting per document) and loss_mask.
+
+The loss and its gradients run per device (`maxlite.mesh.per_device`): each
+device takes its rows of the batch and its shards of the parameters, and the
+model's own collectives (maxlite.model.parallel) move what must cross devices
+within a micro-step. Gradients stay per device across gradient accumulation
+and are summed over `data` once per step, in optim.grad_reduce_dtype (with
+ZeRO-1 reduce-scattered, so that each device receives only the slice its
+optimizer state updates). The optimizer update then runs on the sharded
+state outside the per-device region.
 """
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
-from maxlite.mesh import constrain
+from maxlite import mesh as mesh_lib
+from maxlite.model import parallel, pipeline
 from maxlite.state import TrainState
+
+BATCH = P('batch', 'length')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,24 +33,46 @@ class StepSettings:
   compute_dtype: str = 'float32'
   grad_accum_steps: int = 1
   z_loss_weight: float = 0.0
+  grad_reduce_dtype: str = 'float32'
 
 
-def _cast(params, dtype):
-  return jax.tree.map(lambda p: p.astype(dtype), params)
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How the step's arrays lie on the mesh: what `per_device` hands each device."""
+  mesh: Mesh
+  param_specs: Any  # PartitionSpec per parameter (the rule table's)
+  grad_specs: Any  # PartitionSpec per gradient: the params', or the optimizer state's under ZeRO-1
+  batch_spec: P
+  schedule: pipeline.Schedule | None = None  # the pipeline's, when there is one
+
+  @classmethod
+  def create(cls, mesh: Mesh, logical_params, abstract_params, *, zero1: bool = False,
+             schedule: pipeline.Schedule | None = None, batch_shape=None) -> 'Layout':
+    sizes = dict(mesh.shape)
+
+    def specs(rules):
+      return jax.tree.map(lambda logical, x: mesh_lib.logical_to_spec(logical, x.shape, sizes, rules),
+                          logical_params, abstract_params)
+
+    param_specs = specs(mesh_lib.LOGICAL_AXIS_RULES)
+    grad_specs = specs(mesh_lib.ZERO1_RULES) if zero1 else param_specs
+    batch_spec = mesh_lib.logical_to_spec(BATCH, batch_shape, sizes) if batch_shape else P(('data', 'fsdp'))
+    return cls(mesh, param_specs, grad_specs, batch_spec,
+               schedule if schedule and schedule.stages > 1 else None)
 
 
 def loss_sums(params, graphdef, batch, settings: StepSettings):
   """(objective sum, (cross-entropy sum, token count)) over the batch's weighted tokens.
 
   Sums, not means, so that micro-batches add up to exactly the big-batch value.
+  Runs per device on its rows; the sums are this device's.
   """
-  model = nnx.merge(graphdef, _cast(params, settings.compute_dtype))
-  logits_BTV = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                     compute_dtype=jnp.dtype(settings.compute_dtype))
-  log_norm_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-  target_logit_BT = jnp.take_along_axis(logits_BTV, batch['targets'][..., None], axis=-1)[..., 0]
-  weights_BT = batch['loss_mask'].astype(logits_BTV.dtype)
-  cross_entropy = jnp.sum((log_norm_BT - target_logit_BT) * weights_BT)
+  model = nnx.merge(graphdef, params)
+  cross_entropy_BT, log_norm_BT = model.token_losses(
+      batch['inputs'], batch['segment_ids'], batch['positions'], batch['targets'],
+      compute_dtype=jnp.dtype(settings.compute_dtype))
+  weights_BT = batch['loss_mask'].astype(cross_entropy_BT.dtype)
+  cross_entropy = jnp.sum(cross_entropy_BT * weights_BT)
   objective = cross_entropy
   if settings.z_loss_weight:
     # z-loss keeps the softmax normaliser near 1, which steadies bf16 logits.
@@ -45,36 +80,69 @@ def loss_sums(params, graphdef, batch, settings: StepSettings):
   return objective, (cross_entropy, jnp.sum(weights_BT))
 
 
-def _micro_batches(batch, num_micro: int):
-  """[B, ...] -> [num_micro, B / num_micro, ...], taking rows num_micro apart so that
-  every micro-batch is spread over all batch shards instead of a few devices."""
-  def split(x):
-    x = x.reshape(x.shape[0] // num_micro, num_micro, *x.shape[1:]).swapaxes(0, 1)
-    return constrain(x, P(None, 'batch', *([None] * (x.ndim - 2))))
-  return jax.tree.map(split, batch)
+def _sum_over_devices(x):
+  """Sums a per-device value over every mesh axis along which it differs."""
+  axes = tuple(sorted(parallel.varying_axes(x)))
+  return jax.lax.psum(x, axes) if axes else x
 
 
-def gradients(params, graphdef, batch, settings: StepSettings):
-  """Gradient of the mean cross-entropy, accumulated over micro-batches in param precision."""
+def _sum_over_data(grad, spec: P, reduce_dtype: str):
+  """The step's one reduction over `data`: psum, or psum_scatter into the
+  dimension that ZeRO-1 splits over `data` as well."""
+  if parallel.axis_size('data') == 1:
+    return grad
+  summed = grad.astype(reduce_dtype)
+  for dim, axes in enumerate(spec):
+    if axes is not None and 'data' in (axes if isinstance(axes, tuple) else (axes,)):
+      summed = jax.lax.psum_scatter(summed, 'data', scatter_dimension=dim, tiled=True)
+      break
+  else:
+    summed = jax.lax.psum(summed, 'data')
+  return summed.astype(grad.dtype)
+
+
+def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, layout: Layout):
+  """(gradient sums, cross-entropy sum, token count) on this device's shards."""
+  if parallel.axis_size('data') > 1:
+    # Each device's gradients stay its own until the end of the step: their
+    # one sum over `data` is below, not inside every micro-step.
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, ('data',), to='varying'), params)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
   if settings.grad_accum_steps == 1:
     (_, (ce_sum, count)), grad_sums = grad_fn(params, graphdef, batch, settings)
   else:
-    def accumulate(carry, micro):
-      grad_acc, ce_acc, count_acc = carry
+    def accumulate(grad_acc, micro):
       (_, (ce, count)), grads = grad_fn(params, graphdef, micro, settings)
-      return (jax.tree.map(jnp.add, grad_acc, grads), ce_acc + ce, count_acc + count), None
+      return jax.tree.map(jnp.add, grad_acc, grads), (ce, count)
 
-    zero = jnp.zeros((), jax.tree.leaves(params)[0].dtype)
-    init = (jax.tree.map(jnp.zeros_like, params), zero, zero)
-    (grad_sums, ce_sum, count), _ = jax.lax.scan(
-        accumulate, init, _micro_batches(batch, settings.grad_accum_steps))
+    micro_batches = jax.tree.map(
+        lambda x: parallel.micro_batches(x, settings.grad_accum_steps), batch)
+    grad_sums, (ce_M, count_M) = jax.lax.scan(
+        accumulate, jax.tree.map(parallel.zeros_like, params), micro_batches)
+    ce_sum, count = jnp.sum(ce_M), jnp.sum(count_M)
+  grad_sums = jax.tree.map(lambda g, spec: _sum_over_data(g, spec, settings.grad_reduce_dtype),
+                           grad_sums, layout.grad_specs)
+  return grad_sums, _sum_over_devices(ce_sum), _sum_over_devices(count)
+
+
+def gradients(params, graphdef, batch, settings: StepSettings, layout: Layout):
+  """Gradient of the mean cross-entropy, accumulated over micro-batches in param precision."""
+  if layout.schedule:
+    params = {**params, 'blocks': pipeline.to_stage_order(params['blocks'], layout.schedule)}
+  batch_specs = {name: layout.batch_spec for name in batch}
+  grad_sums, ce_sum, count = mesh_lib.per_device(
+      lambda p, b: _per_device_gradients(p, b, graphdef=graphdef, settings=settings, layout=layout),
+      layout.mesh, in_specs=(layout.param_specs, batch_specs),
+      out_specs=(layout.grad_specs, P(), P()))(params, batch)
+  if layout.schedule:
+    grad_sums = {**grad_sums, 'blocks': pipeline.from_stage_order(grad_sums['blocks'], layout.schedule)}
   count = jnp.maximum(count, 1)
   return jax.tree.map(lambda g: g / count, grad_sums), ce_sum / count, count
 
 
-def train_step(state: TrainState, batch, *, graphdef, tx, schedule, settings: StepSettings):
-  grads, loss, count = gradients(state.params, graphdef, batch, settings)
+def train_step(state: TrainState, batch, *, graphdef, tx, schedule, settings: StepSettings,
+               layout: Layout):
+  grads, loss, count = gradients(state.params, graphdef, batch, settings, layout)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
@@ -84,7 +152,15 @@ def train_step(state: TrainState, batch, *, graphdef, tx, schedule, settings: St
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch, *, graphdef, settings: StepSettings):
+def eval_step(params, batch, *, graphdef, settings: StepSettings, layout: Layout):
   """(cross-entropy sum, token count) of one validation batch."""
-  _, (ce_sum, count) = loss_sums(params, graphdef, batch, settings)
-  return ce_sum, count
+  if layout.schedule:
+    params = {**params, 'blocks': pipeline.to_stage_order(params['blocks'], layout.schedule)}
+
+  def per_device(params, batch):
+    _, (ce_sum, count) = loss_sums(params, graphdef, batch, settings)
+    return _sum_over_devices(ce_sum), _sum_over_devices(count)
+
+  return mesh_lib.per_device(per_device, layout.mesh,
+                             in_specs=(layout.param_specs, {k: layout.batch_spec for k in batch}),
+                             out_specs=(P(), P()))(params, batch)

@@ -132,8 +132,7 @@ def train(config) -> list[dict]:
   if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
     jax.config.update('jax_enable_x64', True)
   mesh_sizes = config_lib.validate(config, jax.device_count())
-  model_cfg = LlamaConfig.from_config(config.model,
-                                     **config_lib.pipeline_fields(config.parallel, mesh_sizes))
+  model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, mesh_sizes))
   try:  # the attention backend that this platform runs, resolved once
     model_cfg = dataclasses.replace(model_cfg, attention=resolve_backend(config.model.attention,
                                                                          jax.default_backend()))
@@ -222,14 +221,19 @@ def train(config) -> list[dict]:
   # -- step --------------------------------------------------------------------------
   settings = step_lib.StepSettings(compute_dtype=config.model.compute_dtype,
                                    grad_accum_steps=train_cfg.grad_accum_steps,
-                                   z_loss_weight=config.model.z_loss_weight)
+                                   z_loss_weight=config.model.z_loss_weight,
+                                   grad_reduce_dtype=model_cfg.grad_reduce_dtype)
+  layout = step_lib.Layout.create(mesh, logical, state.params, zero1=config.parallel.zero1,
+                                  schedule=model_cfg.pipeline_schedule,
+                                  batch_shape=(global_batch, seq_len))
   schedule = optim.learning_rate_schedule(config.optim, train_cfg.steps)
   batch_shardings = {name: batch_sharding for name in batch_shapes}
   train_step = jax.jit(
       functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                        settings=settings),
+                        settings=settings, layout=layout),
       in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, settings=settings),
+  eval_step = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, settings=settings,
+                                        layout=layout),
                       in_shardings=(shardings.params, batch_shardings))
 
   # -- checkpoint ------------------------------------------------------------------

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from maxlite import mesh as mesh_lib
+from maxlite import mesh as mesh_lib, state as state_lib
 from maxlite.kernels.flash_attention import flash_attention_reference
 from maxlite.model.attention import attention, resolve_backend, xla_attention
 from maxlite.model.llama import Llama, LlamaConfig
 from maxlite.state import init_params
-from maxlite.step import StepSettings, gradients
+from maxlite.step import Layout, StepSettings, gradients
 
 # Interpret-mode kernels compile to plain XLA loops that are not worth optimising here.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
@@ -105,7 +105,9 @@ def test_training_step_with_pallas_equals_xla():
     cfg = LlamaConfig(**values, attention=backend)
     params = init_params(cfg, seed=3)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
-    step = jax.jit(lambda p, b: gradients(p, graphdef, b, StepSettings()),
+    _, abstract, logical = state_lib.abstract_model(cfg)
+    layout = Layout.create(mesh, logical, abstract, batch_shape=(4, 48))
+    step = jax.jit(lambda p, b: gradients(p, graphdef, b, StepSettings(), layout),
                    compiler_options=FAST_COMPILE)
     with jax.set_mesh(mesh):
       results[backend] = jax.tree.map(np.asarray, step(params, batch))

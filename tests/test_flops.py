@@ -19,8 +19,9 @@ def test_flops_per_token_matches_xla_cost_analysis():
   batch = 4
   mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}, jax.devices()[:1])
   model_cfg = LlamaConfig.from_config(model)
-  _, _, logical = state_lib.abstract_model(model_cfg)
+  _, abstract, logical = state_lib.abstract_model(model_cfg)
   tx = optim.make_optimizer(config.optim, 10, logical)
+  layout = step_lib.Layout.create(mesh, logical, abstract)
   with jax.set_mesh(mesh):
     graphdef, _, state, _ = state_lib.create_train_state(model_cfg, tx, mesh, 0, False)
     tokens = np.zeros((batch, model.max_seq_len), np.int32)
@@ -30,7 +31,7 @@ def test_flops_per_token_matches_xla_cost_analysis():
     compiled = jax.jit(functools.partial(
         step_lib.train_step, graphdef=graphdef, tx=tx,
         schedule=optim.learning_rate_schedule(config.optim, 10),
-        settings=step_lib.StepSettings())).lower(state, batch_arrays).compile()
+        settings=step_lib.StepSettings(), layout=layout)).lower(state, batch_arrays).compile()
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   xla_flops = analysis['flops']

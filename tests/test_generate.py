@@ -71,7 +71,7 @@ NUM_NEW = 10
 def small_sampler():
   """One sampler for several tests, so they share its compiled steps."""
   cfg = small_config()
-  return gen.Sampler(cfg, random_params(cfg, seed=1), gen.tensor_mesh(), max_seq_len=64)
+  return gen.Sampler(cfg, random_params(cfg, seed=1), gen.tensor_mesh(cfg), max_seq_len=64)
 
 
 def greedy_tokens(sampler, **kwargs):
@@ -105,7 +105,7 @@ def test_kv_cache_decoding_equals_full_recompute(scan_layers, small_sampler):
   # The jitted sampler, sharded over all 8 devices, picks the same tokens.
   sampler = small_sampler  # built from the same config and parameters
   if not scan_layers:
-    sampler = gen.Sampler(cfg, params, gen.tensor_mesh(), max_seq_len=64)
+    sampler = gen.Sampler(cfg, params, gen.tensor_mesh(cfg), max_seq_len=64)
   assert greedy_tokens(sampler).tolist() == want_tokens
 
 

@@ -64,7 +64,11 @@ def tied_run(tmp_path_factory):
       return jnp.asarray(rng.uniform(0.5, 1.5, x.shape), x.dtype)
     return jnp.asarray(rng.normal(0.0, cfg.init_std, x.shape), x.dtype)
 
-  params = jax.tree_util.tree_map_with_path(draw, state_lib.abstract_model(cfg)[1])
+  _, abstract, logical = state_lib.abstract_model(cfg)
+  params = jax.tree_util.tree_map_with_path(draw, abstract)
+  # The padding rows of the vocabulary are zeros, as maxlite initialises and keeps them.
+  params = state_lib.resize_vocab(state_lib.resize_vocab(params, logical, cfg.vocab_size),
+                                  logical, cfg.vocab_rows)
   tokenizers.save_tokenizer(tokenizers.ByteTokenizer(), run_dir / 'tokenizer')
   checkpointer = Checkpointer(run_dir, interval=1, max_to_keep=1)
   state = state_lib.TrainState(step=jnp.int32(3), params=params, opt_state=())

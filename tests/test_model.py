@@ -60,7 +60,8 @@ def numpy_llama(params, tokens, segment_ids, cfg: LlamaConfig):
     x = x + ((gate / (1 + np.exp(-gate))) * (h @ p['mlp']['up']['kernel'])) @ p['mlp']['down']['kernel']
   x = rms(x, params['final_norm']['scale'])
   head = params['embed']['table'].T if cfg.tie_embeddings else params['lm_head']['kernel']
-  return x @ head, positions
+  # The model's vocabulary is padded (maxlite.config.padded_vocab_size); only the true ids count.
+  return (x @ head)[..., :cfg.vocab_size], positions
 
 
 def random_documents(rng, batch, length):

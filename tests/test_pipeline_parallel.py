@@ -54,7 +54,7 @@ def model_and_mesh(config, devices=None):
   devices = jax.devices() if devices is None else devices
   sizes = config_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(sizes, devices)
-  return LlamaConfig.from_config(config.model, **config_lib.pipeline_fields(config.parallel, sizes)), mesh
+  return LlamaConfig.from_config(config.model, **config_lib.model_fields(config, sizes)), mesh
 
 
 def loss_and_gradients(config, devices=None):
@@ -62,14 +62,17 @@ def loss_and_gradients(config, devices=None):
   model_cfg, mesh = model_and_mesh(config, devices)
   graphdef, shapes, logical = state_lib.abstract_model(model_cfg)
   settings = step_lib.StepSettings(grad_accum_steps=config.train.grad_accum_steps)
+  layout = step_lib.Layout.create(mesh, logical, shapes, schedule=model_cfg.pipeline_schedule,
+                                  batch_shape=(B, T))
   with jax.set_mesh(mesh):
     shardings = mesh_lib.tree_shardings(mesh, logical, shapes)
     params = jax.jit(lambda: state_lib.init_params(model_cfg, 0), out_shardings=shardings)()
     batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (B, T))
-    compiled = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings)[:2]).lower(
+    compiled = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings, layout)[:2]).lower(
         params, jax.device_put(batch(), batch_sharding)).compile()
     grads, loss = compiled(params, jax.device_put(batch(), batch_sharding))
-  return float(loss), jax.tree.map(np.asarray, grads), compiled.as_text()
+  grads = state_lib.resize_vocab(jax.tree.map(np.asarray, grads), logical, VOCAB)
+  return float(loss), grads, compiled.as_text()
 
 
 @functools.cache

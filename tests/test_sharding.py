@@ -41,25 +41,30 @@ def run(config, devices=None, grad_accum_steps=1):
   devices = jax.devices() if devices is None else devices
   sizes = config_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(sizes, devices)
-  model_cfg = LlamaConfig.from_config(config.model)
-  _, _, logical = state_lib.abstract_model(model_cfg)
+  model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, sizes))
+  _, abstract, logical = state_lib.abstract_model(model_cfg)
   tx = optim.make_optimizer(config.optim, config.train.steps, logical)
   settings = step_lib.StepSettings(grad_accum_steps=grad_accum_steps)
   batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (BATCH, SEQ_LEN))
+  layout = step_lib.Layout.create(mesh, logical, abstract, zero1=config.parallel.zero1,
+                                  batch_shape=(BATCH, SEQ_LEN))
   with jax.set_mesh(mesh):
     graphdef, logical, state, shardings = state_lib.create_train_state(
         model_cfg, tx, mesh, seed=0, zero1=config.parallel.zero1)
     train_step = jax.jit(functools.partial(
         step_lib.train_step, graphdef=graphdef, tx=tx,
-        schedule=optim.learning_rate_schedule(config.optim, config.train.steps), settings=settings),
+        schedule=optim.learning_rate_schedule(config.optim, config.train.steps), settings=settings,
+        layout=layout),
         out_shardings=(shardings, None), donate_argnums=0)
-    grad_fn = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings)[0])
+    grad_fn = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings, layout)[0])
     losses = []
     for i in range(STEPS):
       state, metrics = train_step(state, jax.device_put(batches()[i], batch_sharding))
       losses.append(float(metrics['loss']))
     grads = grad_fn(state.params, jax.device_put(batches()[STEPS], batch_sharding))
-  return np.array(losses), jax.tree.map(np.asarray, grads), state
+  # Compare the true vocabulary's rows: the padding depends on the mesh.
+  grads = state_lib.resize_vocab(jax.tree.map(np.asarray, grads), logical, config.model.vocab_size)
+  return np.array(losses), grads, state
 
 
 @functools.cache

@@ -121,6 +121,41 @@ class _Static:
   interpret: bool
 
 
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  vma = getattr(aval, 'vma', None)
+  if vma is None:
+    vma = getattr(getattr(aval, 'manual_axis_type', None), 'varying', ())
+  return frozenset(vma)
+
+
+def _same_varying(*arrays):
+  """The arrays, each marked as varying over every mesh axis that any of them
+  varies over: a kernel's inputs must agree (a no-op outside a shard_map)."""
+  union = frozenset().union(*map(_varying_axes, arrays))
+  return tuple(x if _varying_axes(x) == union
+               else jax.lax.pcast(x, tuple(sorted(union - _varying_axes(x))), to='varying')
+               for x in arrays)
+
+
+def _out_shape(shape, dtype, like) -> jax.ShapeDtypeStruct:
+  """A pallas_call output shape that varies over the same mesh axes as `like`.
+
+  Inside a shard_map (the model runs per device) pallas_call must be told how
+  its outputs vary across devices; JAX has spelt that keyword `vma` and
+  `manual_axis_type`.
+  """
+  aval = jax.typeof(like)
+  for keyword in ('manual_axis_type', 'vma'):
+    value = getattr(aval, keyword, None)
+    if value is not None:
+      try:
+        return jax.ShapeDtypeStruct(shape, dtype, **{keyword: value})
+      except TypeError:
+        continue
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def triton_compiler_params(num_warps: int, num_stages: int):
   """Triton compiler params; passing them selects the Triton backend explicitly,
   since the default GPU backend of `pallas_call` changes between JAX versions."""
@@ -156,8 +191,8 @@ def flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, causal: bool
   pad = ((0, 0), (0, padded_length - length), (0, 0), (0, padded_dim - head_dim))
   segment_ids_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, padded_length - length)),
                            constant_values=PAD_SEGMENT)
-  out_BTNH, lse_BNT = _flash(static, jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad),
-                             jnp.pad(v_BTKH, pad), segment_ids_BT)
+  out_BTNH, lse_BNT = _flash(static, *_same_varying(
+      jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad), segment_ids_BT))
   out_BTNH = out_BTNH[:, :length, :, :head_dim]
   if return_lse:
     return out_BTNH, lse_BNT[:, :, :length]
@@ -362,8 +397,8 @@ def _forward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
                 pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
                 pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))],
-      out_shape=[jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
-                 jax.ShapeDtypeStruct((batch, num_heads, length), jnp.float32)],
+      out_shape=[_out_shape(q_BTNH.shape, q_BTNH.dtype, q_BTNH),
+                 _out_shape((batch, num_heads, length), jnp.float32, q_BTNH)],
       compiler_params=triton_compiler_params(launch.num_warps, launch.num_stages),
       interpret=static.interpret, name='flash_attention_forward',
   )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, pieces_BI2P)
@@ -423,6 +458,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_re
 
 def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT,
               dout_BTNH):
+  (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT, dout_BTNH) = _same_varying(
+      q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT, dout_BTNH)
   batch, length, num_heads, head_dim = q_BTNH.shape
   num_kv_heads = k_BTKH.shape[2]
   groups = num_heads // num_kv_heads
@@ -444,7 +481,7 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
                 pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
                 pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
                 pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
-      out_specs=q_spec, out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
+      out_specs=q_spec, out_shape=_out_shape(q_BTNH.shape, q_BTNH.dtype, q_BTNH),
       compiler_params=params, interpret=static.interpret, name='flash_attention_dq',
   )(*inputs, pieces_BI2P)
 
@@ -463,7 +500,7 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
                 pl.BlockSpec((None, block_k), lambda j, b, k: (b, j)),
                 pl.BlockSpec((None, None) + pieces_BJ2P.shape[2:], lambda j, b, k: (b, j, 0, 0))],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k_BTKH.shape, k_BTKH.dtype)] * 2,
+      out_shape=[_out_shape(k_BTKH.shape, k_BTKH.dtype, k_BTKH)] * 2,
       compiler_params=params, interpret=static.interpret, name='flash_attention_dkv',
   )(grouped(q_BTNH), k_BTKH, v_BTKH, grouped(dout_BTNH), per_head(lse2_BNT), per_head(delta_BNT),
     segment_ids_BT, segment_ids_BT, pieces_BJ2P)

@@ -14,13 +14,14 @@ Backends (`model.attention`):
 The KV-cache path (decoding) always runs on xla: its queries are a few tokens
 against a cache with its own slot mask, which the fused kernels do not take.
 """
+import math
+
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from maxlite.config import ATTENTION_BACKENDS
 from maxlite.kernels.flash_attention import flash_attention
-from maxlite.mesh import logical_to_spec
+from maxlite.model import parallel
 
 GPU_PLATFORMS = ('gpu', 'cuda', 'rocm')
 
@@ -63,16 +64,15 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: b
   kv_cache = kv_segment_ids_BS is not None
   backend = resolve_backend(backend, jax.default_backend(), segment_ids=segment_ids_BT is not None,
                             kv_cache=kv_cache)
+  # The model runs per device (maxlite.model.parallel): the arrays here are this
+  # device's rows and heads, so the fused kernels need no sharding of their own.
   if backend == 'pallas':
-    interpret = jax.default_backend() == 'cpu'
-
-    def fused(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
-      return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
-                             interpret=interpret)
-    return _per_shard(fused, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+    if jax.default_backend() == 'cpu':
+      return _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal)
+    return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal)
   if backend == 'cudnn':
-    return _per_shard(lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=causal, implementation='cudnn'), q_BTNH, k_BSKH, v_BSKH)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal,
+                                        implementation='cudnn')
   batch, length = q_BTNH.shape[:2]
   if segment_ids_BT is None:
     segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
@@ -84,22 +84,30 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: b
                        kv_positions_BS, causal=causal)
 
 
-def _per_shard(fn, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None):
-  """Runs a fused kernel on each device's rows and heads.
+def _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal: bool):
+  """The Pallas kernel in interpret mode (CPU), on every device's inputs at once.
 
-  A custom call is opaque to XLA's partitioner, which would gather the whole
-  batch onto every device; shard_map hands each one its own shard instead.
-  Heads split over `tensor` keep their groups, since K divides like N does.
+  JAX's Pallas interpreter cannot yet evaluate a kernel whose inputs differ
+  between the devices of a shard_map (it mixes per-device blocks with shared
+  loop indices), so here each device sums everyone's inputs into one batch
+  that all devices share, runs the kernel on it, and keeps its own rows. The
+  numbers and gradients are the kernel's; the extra work only costs CPU tests.
   """
-  args = (q_BTNH, k_BSKH, v_BSKH) + (() if segment_ids_BT is None else (segment_ids_BT,))
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return fn(*args)
-  sizes = dict(mesh.shape)
-  q_spec = logical_to_spec(P('batch', 'length', 'heads', 'head_dim'), q_BTNH.shape, sizes)
-  kv_spec = logical_to_spec(P('batch', 'length', 'kv_heads', 'head_dim'), k_BSKH.shape, sizes)
-  specs = (q_spec, kv_spec, kv_spec, P(q_spec[0], None))[:len(args)]
-  return jax.shard_map(fn, in_specs=specs, out_specs=q_spec, check_vma=False)(*args)
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.ones(q_BTNH.shape[:2], jnp.int32)
+  inputs = (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  axes = tuple(sorted(frozenset().union(*map(parallel.varying_axes, inputs))))
+  if not axes:
+    return flash_attention(*inputs, causal=causal, interpret=True)
+  me = jax.lax.axis_index(axes)
+  count = math.prod(parallel.axis_size(axis) for axis in axes)
+
+  def everyone(x):  # [B, ...] -> [count * B, ...], the same on every device
+    slots = jnp.zeros((count, *x.shape), x.dtype).at[me].set(x)
+    return jax.lax.psum(slots, axes).reshape(count * x.shape[0], *x.shape[1:])
+
+  out = flash_attention(*map(everyone, inputs), causal=causal, interpret=True)
+  return out.reshape(count, *q_BTNH.shape)[me]
 
 
 def attention_mask(segment_ids_BT, positions_BT, kv_segment_ids_BS, kv_positions_BS, causal: bool):

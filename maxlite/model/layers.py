@@ -4,34 +4,53 @@ Shape legend: B batch, T length, D hidden (embed), N query heads, K kv heads,
 H head dim, F mlp width, V vocab.
 
 Every parameter is created with `logical_axes` metadata naming its dimensions;
-maxlite.mesh turns those names into shardings.
+maxlite.mesh turns those names into shardings. The layers run on whatever
+shard of a weight the device holds; the weight matmuls and the embedding go
+through maxlite.model.parallel, which gathers the fsdp-split dimension.
 """
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from maxlite.mesh import sharded_dim
+from maxlite.model import parallel
 
-def param(rngs: nnx.Rngs, shape, logical_axes: tuple, dtype, std: float | None) -> nnx.Param:
-  """A Param with its logical axis names; std=None gives ones (norm scales)."""
+
+def param(rngs: nnx.Rngs, shape, logical_axes: tuple, dtype, std: float | None,
+          padded_shape=None) -> nnx.Param:
+  """A Param with its logical axis names; std=None gives ones (norm scales).
+
+  padded_shape: the stored shape, when larger than `shape`; the extra entries
+  are zeros, so the random values do not depend on the padding.
+  """
   if std is None:
     value = jnp.ones(shape, dtype)
   else:
     value = std * jax.random.normal(rngs.params(), shape, dtype)
+  if padded_shape is not None:
+    value = jnp.pad(value, [(0, padded - size) for size, padded in zip(shape, padded_shape)])
   return nnx.Param(value, logical_axes=P(*logical_axes))
 
 
 class Dense(nnx.Module):
-  """x[..., *in_dims] @ kernel[*in_dims, *out_dims]; names one tuple per side."""
+  """x[..., *in_dims] @ kernel[*in_dims, *out_dims]; names one tuple per side.
 
-  def __init__(self, in_dims, out_dims, in_axes, out_axes, *, std, dtype, rngs):
+  reduce_dtype: the dtype in which the kernel's gradient is accumulated and
+  summed over devices (optim.grad_reduce_dtype).
+  """
+
+  def __init__(self, in_dims, out_dims, in_axes, out_axes, *, std, dtype, rngs,
+               reduce_dtype='float32', padded_out_dims=None):
     self.num_in = len(in_dims)
-    self.kernel = param(rngs, (*in_dims, *out_dims), (*in_axes, *out_axes), dtype, std)
+    self.kernel = param(rngs, (*in_dims, *out_dims), (*in_axes, *out_axes), dtype, std,
+                        None if padded_out_dims is None else (*in_dims, *padded_out_dims))
+    self.fsdp_dim = sharded_dim((*in_axes, *out_axes), 'fsdp')
+    self.reduce_dtype = reduce_dtype
 
-  def __call__(self, x):
-    kernel = self.kernel[...]
-    contract = (tuple(range(x.ndim - self.num_in, x.ndim)), tuple(range(self.num_in)))
-    return jax.lax.dot_general(x, kernel.astype(x.dtype), (contract, ((), ())))
+  def __call__(self, x, out_dtype=None):
+    return parallel.project(x, self.kernel[...], self.num_in, self.fsdp_dim, self.reduce_dtype,
+                            out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -64,11 +83,14 @@ def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
 
 
 class SwiGLU(nnx.Module):
+  """Column-parallel gate and up, row-parallel down: the caller sums `down`'s
+  output over tensor (maxlite.model.parallel.scatter_sequence)."""
 
-  def __init__(self, hidden: int, intermediate: int, *, std, dtype, rngs):
-    self.gate = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), std=std, dtype=dtype, rngs=rngs)
-    self.up = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), std=std, dtype=dtype, rngs=rngs)
-    self.down = Dense((intermediate,), (hidden,), ('mlp',), ('embed',), std=std, dtype=dtype, rngs=rngs)
+  def __init__(self, hidden: int, intermediate: int, *, std, dtype, rngs, reduce_dtype='float32'):
+    kw = dict(std=std, dtype=dtype, rngs=rngs, reduce_dtype=reduce_dtype)
+    self.gate = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), **kw)
+    self.up = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), **kw)
+    self.down = Dense((intermediate,), (hidden,), ('mlp',), ('embed',), **kw)
 
   def __call__(self, x_BTD):
     h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
@@ -76,16 +98,27 @@ class SwiGLU(nnx.Module):
 
 
 class Embed(nnx.Module):
-  """Token embedding; `attend` reuses the table as the LM head when tied."""
+  """Token embedding over a vocabulary padded to `padded_vocab` rows (zeros past
+  `vocab`); `attend` reuses the table as the LM head when tied.
 
-  def __init__(self, vocab: int, hidden: int, *, std, dtype, rngs):
-    self.table = param(rngs, (vocab, hidden), ('vocab', 'embed'), dtype, std)
+  Both are vocabulary-parallel: a device holds a slice of the rows, looks up
+  only the tokens in it (the caller sums over tensor) and computes only its
+  slice of the logits.
+  """
+
+  def __init__(self, vocab: int, padded_vocab: int, hidden: int, *, std, dtype, rngs,
+               reduce_dtype='float32'):
+    self.table = param(rngs, (vocab, hidden), ('vocab', 'embed'), dtype, std, (padded_vocab, hidden))
+    self.fsdp_dim = sharded_dim(('vocab', 'embed'), 'fsdp')
+    self.reduce_dtype = reduce_dtype
 
   def __call__(self, tokens_BT, dtype):
-    return jnp.take(self.table[...], tokens_BT, axis=0).astype(dtype)
+    return parallel.lookup(self.table[...], tokens_BT, jnp.dtype(dtype).name, self.fsdp_dim,
+                           self.reduce_dtype)
 
   def attend(self, x_BTD):
     # Logits in float32 straight out of the matmul's accumulator.
-    return jnp.einsum('btd,vd->btv', x_BTD, self.table[...].astype(x_BTD.dtype),
-                      preferred_element_type=jnp.promote_types(x_BTD.dtype, jnp.float32))
+    table_DV = self.table[...].T
+    return parallel.project(x_BTD, table_DV, 1, None if self.fsdp_dim is None else 0,
+                            self.reduce_dtype, jnp.promote_types(x_BTD.dtype, jnp.float32).name)
 

@@ -8,6 +8,13 @@ with one `lax.scan`, so compile time does not grow with depth. With
 pipeline_stages > 1 the training forward pass runs them through
 maxlite.model.pipeline instead (the decode path never does).
 
+The model runs per device on its shards (maxlite.model.parallel): heads, MLP
+width and vocabulary are split over `tensor`, and while training the residual
+stream between blocks is split along its length too (sequence parallelism):
+each block gathers it before its column-parallel matmuls and reduce-scatters
+its row-parallel outputs. Decoding keeps the whole (short) length on every
+device and all-reduces instead.
+
 `Llama.decode` is the same forward pass with a KV cache (for generation): the
 only difference is inside `Attention`, which writes each token's keys and
 values into the cache and attends to the cache instead of to its own tokens.
@@ -20,8 +27,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from maxlite.mesh import constrain
-from maxlite.model import layers, pipeline
+from maxlite.config import padded_vocab_size
+
+from maxlite.model import layers, parallel, pipeline
 from maxlite.model.attention import attention
 
 REMAT_POLICIES = {
@@ -30,7 +38,6 @@ REMAT_POLICIES = {
     'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-RESIDUAL = P('batch', 'residual_length', 'embed')
 CACHE = P('layers', 'batch', 'length', 'kv_heads', 'head_dim')
 
 
@@ -48,6 +55,11 @@ class LlamaConfig:
   tie_embeddings: bool
   init_std: float
   param_dtype: str
+  # Rows of the embedding (and LM-head columns): vocab_size padded for the
+  # mesh (maxlite.config.padded_vocab_size); 0 means the one-device padding.
+  padded_vocab_size: int = 0
+  # dtype of the weight gradients' accumulation and cross-device sums.
+  grad_reduce_dtype: str = 'float32'
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
@@ -57,16 +69,21 @@ class LlamaConfig:
   pipeline_repeats: int = 1
 
   @classmethod
-  def from_config(cls, model, **pipeline_fields) -> 'LlamaConfig':
+  def from_config(cls, model, **mesh_fields) -> 'LlamaConfig':
     """From the `model` sub-config; head_dim=0 there means hidden // heads.
 
-    The pipeline_* fields come from the parallel config and mesh (see
-    maxlite.config.pipeline_fields); without them the model runs unpipelined.
+    mesh_fields: what the mesh and the rest of the config decide (see
+    maxlite.config.model_fields): the pipeline_* fields, padded_vocab_size,
+    grad_reduce_dtype. Without them the model runs as on one device.
     """
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in model.items() if k in fields}
     values['head_dim'] = model.head_dim or model.hidden_size // model.num_heads
-    return cls(**values, **pipeline_fields)
+    return cls(**{**values, **mesh_fields})
+
+  @property
+  def vocab_rows(self) -> int:
+    return self.padded_vocab_size or padded_vocab_size(self.vocab_size, 1)
 
   @property
   def pipeline_schedule(self) -> pipeline.Schedule:
@@ -95,15 +112,17 @@ class KVCache(NamedTuple):
     rows_B1 = jnp.arange(k_BTKH.shape[0])[:, None]
     def put(cache_LBSKH, new_BTKH):
       new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
-      return constrain(cache_LBSKH.at[layer, rows_B1, positions_BT].set(new_BTKH), CACHE)
+      return cache_LBSKH.at[layer, rows_B1, positions_BT].set(new_BTKH)
     return KVCache(put(self.k_LBSKH, k_BTKH), put(self.v_LBSKH, v_BTKH))
 
 
 class Attention(nnx.Module):
+  """q, k, v column-parallel (each device keeps whole heads), o row-parallel:
+  the output is this device's partial sum, which the caller reduces."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    kw = dict(std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs)
+    kw = dict(std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
     self.q = layers.Dense((d,), (n, h), ('embed',), ('heads', 'head_dim'), **kw)
     self.k = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
     self.v = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
@@ -116,7 +135,6 @@ class Attention(nnx.Module):
     q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
     k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
     v_BTKH = self.v(x_BTD)
-    q_BTNH = constrain(q_BTNH, P('batch', 'length', 'heads', 'head_dim'))
     if cache is None:
       out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
                            causal=True, backend=self.backend)
@@ -138,14 +156,22 @@ class Block(nnx.Module):
     self.attention = Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, std=cfg.init_std,
-                             dtype=cfg.param_dtype, rngs=rngs)
+                             dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
 
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
-    attended_BTD, cache = self.attention(self.attention_norm(x_BTD), segment_ids_BT, positions_BT,
-                                         cache, layer)
-    x_BTD = x_BTD + attended_BTD
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-    return constrain(x_BTD, RESIDUAL), cache
+  def __call__(self, x_BtD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None,
+               *, sequence_parallel: bool = False):
+    """x_BtD: the residual, split along its length over tensor when sequence_parallel.
+
+    Norms run on the split residual; the gather moves their compute-dtype output.
+    """
+    sp = sequence_parallel
+    attended_BTD, cache = self.attention(
+        parallel.gather_sequence(self.attention_norm(x_BtD), sp), segment_ids_BT, positions_BT,
+        cache, layer)
+    x_BtD = x_BtD + parallel.scatter_sequence(attended_BTD, sp)
+    x_BtD = x_BtD + parallel.scatter_sequence(
+        self.mlp(parallel.gather_sequence(self.mlp_norm(x_BtD), sp)), sp)
+    return x_BtD, cache
 
 
 def stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
@@ -167,46 +193,72 @@ class Llama(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.embed = layers.Embed(cfg.vocab_size, cfg.hidden_size, std=cfg.init_std,
-                              dtype=cfg.param_dtype, rngs=rngs)
+    self.embed = layers.Embed(cfg.vocab_size, cfg.vocab_rows, cfg.hidden_size, std=cfg.init_std,
+                              dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
     self.blocks = stacked_blocks(cfg, rngs)
     self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.param_dtype,
                                      rngs=rngs)
     if not cfg.tie_embeddings:
       self.lm_head = layers.Dense((cfg.hidden_size,), (cfg.vocab_size,), ('embed',), ('vocab',),
-                                  std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs)
+                                  std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs,
+                                  reduce_dtype=cfg.grad_reduce_dtype,
+                                  padded_out_dims=(cfg.vocab_rows,))
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
-    logits_BTV, _ = self._forward(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
-    return logits_BTV
+    x_BTD, _ = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    return self._whole_vocab(self._logits(x_BTD))
+
+  def token_losses(self, tokens_BT, segment_ids_BT, positions_BT, targets_BT, *,
+                   compute_dtype=jnp.float32):
+    """(cross-entropy, log-normaliser), each [B, T] float32, of predicting targets_BT.
+
+    Each device computes only its vocabulary slice of the logits; they are
+    never gathered (maxlite.model.parallel.cross_entropy).
+    """
+    x_BTD, _ = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    return parallel.cross_entropy(self._logits(x_BTD), targets_BT)
 
   def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
     """(logits [B, T, V], cache) for tokens at positions_BT that continue what
     the cache holds: each row's tokens go into the slots named by their
     positions and see the slots up to their own. One call fills the cache with
     a (right-padded) prompt; later calls add one token per row."""
-    return self._forward(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache, compute_dtype)
+    x_BTD, cache = self._hidden(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache,
+                                compute_dtype)
+    return self._whole_vocab(self._logits(x_BTD)), cache
 
-  def _forward(self, tokens_BT, segment_ids_BT, positions_BT, cache, compute_dtype):
-    x_BTD = constrain(self.embed(tokens_BT, compute_dtype), RESIDUAL)
-    x_BTD, cache = self._run_blocks(x_BTD, segment_ids_BT, positions_BT, cache)
-    x_BTD = self.final_norm(x_BTD)
+  def _hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache, compute_dtype):
+    """The final norm's output, [B, T, D] on every tensor rank, and the cache."""
+    sp = cache is None and tokens_BT.shape[1] % parallel.axis_size('tensor') == 0
+    x_BtD = parallel.scatter_sequence(self.embed(tokens_BT, compute_dtype), sp)
+    x_BtD, cache = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, cache, sp)
+    return parallel.gather_sequence(self.final_norm(x_BtD), sp), cache
+
+  def _logits(self, x_BTD):
+    """This device's vocabulary slice of the logits, float32 (or float64), padding masked."""
     if self.cfg.tie_embeddings:
-      return self.embed.attend(x_BTD), cache
-    return self.lm_head(x_BTD).astype(jnp.promote_types(compute_dtype, jnp.float32)), cache
+      logits_BTv = self.embed.attend(x_BTD)
+    else:
+      logits_BTv = self.lm_head(x_BTD, out_dtype=jnp.promote_types(x_BTD.dtype, jnp.float32).name)
+    return parallel.mask_padding(logits_BTv, self.cfg.vocab_size)
 
-  def _run_blocks(self, x_BTD, segment_ids_BT, positions_BT, cache):
+  def _whole_vocab(self, logits_BTv):
+    return parallel.gather_vocab(logits_BTv)[..., :self.cfg.vocab_size]
+
+  def _run_blocks(self, x_BtD, segment_ids_BT, positions_BT, cache, sp):
     graphdef, stacked = nnx.split(self.blocks)
     if cache is None and self.cfg.pipeline_stages > 1:
-      def run_layers(layers, x_bTD, segment_ids_bT, positions_bT):
-        return _run_layers(graphdef, self.cfg, layers, x_bTD, segment_ids_bT, positions_bT, None)[0]
-      return pipeline.run(run_layers, stacked, x_BTD, segment_ids_BT, positions_BT,
+      def run_layers(layers, x_btD, segment_ids_bT, positions_bT):
+        return _run_layers(graphdef, self.cfg, layers, x_btD, segment_ids_bT, positions_bT, None,
+                           sp)[0]
+      return pipeline.run(run_layers, stacked, x_BtD, segment_ids_BT, positions_BT,
                           self.cfg.pipeline_schedule), None
-    return _run_layers(graphdef, self.cfg, stacked, x_BTD, segment_ids_BT, positions_BT, cache)
+    return _run_layers(graphdef, self.cfg, stacked, x_BtD, segment_ids_BT, positions_BT, cache, sp)
 
 
-def _run_layers(graphdef, cfg: LlamaConfig, stacked, x_BTD, segment_ids_BT, positions_BT, cache):
+def _run_layers(graphdef, cfg: LlamaConfig, stacked, x_BTD, segment_ids_BT, positions_BT, cache,
+                sequence_parallel: bool):
   """Runs the layers whose stacked state is `stacked` (all of them, or a pipeline stage's group)."""
   num_layers = jax.tree.leaves(stacked)[0].shape[0]
 
@@ -215,7 +267,8 @@ def _run_layers(graphdef, cfg: LlamaConfig, stacked, x_BTD, segment_ids_BT, posi
     x_BTD, cache = carry
     layer_state, layer = layer_state_and_index
     block = nnx.merge(graphdef, layer_state)
-    return block(x_BTD, segment_ids_BT, positions_BT, cache, layer), None
+    return block(x_BTD, segment_ids_BT, positions_BT, cache, layer,
+                 sequence_parallel=sequence_parallel), None
 
   if cfg.remat != 'none':
     one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[cfg.remat],
