@@ -58,17 +58,29 @@ def state_shardings(mesh, abstract_state: TrainState, logical_params, tx, zero1:
   return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 
-def create_train_state(cfg: LlamaConfig, tx, mesh, seed: int, zero1: bool):
-  """Returns (graphdef, logical names, state, shardings); no array ever exists unsharded."""
-  graphdef, _, logical = abstract_model(cfg)
-
+def _initializer(cfg: LlamaConfig, tx, seed: int):
   def init():
     params = init_params(cfg, seed)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
 
-  abstract_state = jax.eval_shape(init)
+
+def abstract_train_state(cfg: LlamaConfig, tx, mesh, zero1: bool):
+  """(the train state as ShapeDtypeStructs carrying their shardings, the shardings):
+  enough to compile a step ahead of time without allocating anything."""
+  _, _, logical = abstract_model(cfg)
+  abstract_state = jax.eval_shape(_initializer(cfg, tx, 0))
   shardings = state_shardings(mesh, abstract_state, logical, tx, zero1)
-  state = jax.jit(init, out_shardings=shardings)()
+  with_shardings = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_state, shardings)
+  return with_shardings, shardings
+
+
+def create_train_state(cfg: LlamaConfig, tx, mesh, seed: int, zero1: bool):
+  """Returns (graphdef, logical names, state, shardings); no array ever exists unsharded."""
+  graphdef, _, logical = abstract_model(cfg)
+  _, shardings = abstract_train_state(cfg, tx, mesh, zero1)
+  state = jax.jit(_initializer(cfg, tx, seed), out_shardings=shardings)()
   return graphdef, logical, state, shardings
 
 

@@ -13,6 +13,7 @@ optimizer state updates). The optimizer update then runs on the sharded
 state outside the per-device region.
 """
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -21,11 +22,12 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
-from maxlite import mesh as mesh_lib
+from maxlite import mesh as mesh_lib, optim, state as state_lib
 from maxlite.model import parallel, pipeline
 from maxlite.state import TrainState
 
 BATCH = P('batch', 'length')
+BATCH_FIELDS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,3 +166,43 @@ def eval_step(params, batch, *, graphdef, settings: StepSettings, layout: Layout
   return mesh_lib.per_device(per_device, layout.mesh,
                              in_specs=(layout.param_specs, {k: layout.batch_spec for k in batch}),
                              out_specs=(P(), P()))(params, batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """The jitted train and eval steps of a run, and how their arrays are laid out."""
+  train: Any  # (state, batch) -> (state, metrics); donates the state
+  eval: Any  # (params, batch) -> (cross-entropy sum, token count)
+  abstract_state: TrainState  # ShapeDtypeStructs with shardings: compile without allocating
+  shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  layout: Layout
+
+  def batch_shapes(self, rows: int, seq_len: int) -> dict:
+    """ShapeDtypeStructs of a batch, to compile the steps ahead of time."""
+    return {name: jax.ShapeDtypeStruct((rows, seq_len), jnp.int32, sharding=self.batch_sharding)
+            for name in BATCH_FIELDS}
+
+
+def build(config, model_cfg, mesh: Mesh, tx) -> Steps:
+  """The train and eval steps for `config`, jitted with the state's and the batch's shardings."""
+  graphdef, abstract_params, logical = state_lib.abstract_model(model_cfg)
+  train_cfg = config.train
+  batch_shape = (train_cfg.micro_batch_size * train_cfg.grad_accum_steps, config.data.seq_len)
+  layout = Layout.create(mesh, logical, abstract_params, zero1=config.parallel.zero1,
+                         schedule=model_cfg.pipeline_schedule, batch_shape=batch_shape)
+  settings = StepSettings(compute_dtype=config.model.compute_dtype,
+                          grad_accum_steps=train_cfg.grad_accum_steps,
+                          z_loss_weight=config.model.z_loss_weight,
+                          grad_reduce_dtype=model_cfg.grad_reduce_dtype)
+  abstract_state, shardings = state_lib.abstract_train_state(model_cfg, tx, mesh, config.parallel.zero1)
+  batch_sharding = mesh_lib.named_sharding(mesh, BATCH, batch_shape)
+  batch_shardings = {name: batch_sharding for name in BATCH_FIELDS}
+  lr_schedule = optim.learning_rate_schedule(config.optim, train_cfg.steps)
+  train = jax.jit(functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=lr_schedule,
+                                    settings=settings, layout=layout),
+                  in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
+                  donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_step, graphdef=graphdef, settings=settings, layout=layout),
+                     in_shardings=(shardings.params, batch_shardings))
+  return Steps(train, evaluate, abstract_state, shardings, batch_sharding, layout)

@@ -11,6 +11,7 @@ through maxlite.model.parallel, which gathers the fsdp-split dimension.
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from maxlite.mesh import sharded_dim
@@ -37,20 +38,23 @@ class Dense(nnx.Module):
   """x[..., *in_dims] @ kernel[*in_dims, *out_dims]; names one tuple per side.
 
   reduce_dtype: the dtype in which the kernel's gradient is accumulated and
-  summed over devices (optim.grad_reduce_dtype).
+  summed over devices (optim.grad_reduce_dtype). checkpoint_as: the name that
+  remat policies (maxlite.model.llama.REMAT_POLICIES) know the output by.
   """
 
   def __init__(self, in_dims, out_dims, in_axes, out_axes, *, std, dtype, rngs,
-               reduce_dtype='float32', padded_out_dims=None):
+               reduce_dtype='float32', padded_out_dims=None, checkpoint_as: str = ''):
     self.num_in = len(in_dims)
     self.kernel = param(rngs, (*in_dims, *out_dims), (*in_axes, *out_axes), dtype, std,
                         None if padded_out_dims is None else (*in_dims, *padded_out_dims))
     self.fsdp_dim = sharded_dim((*in_axes, *out_axes), 'fsdp')
     self.reduce_dtype = reduce_dtype
+    self.checkpoint_as = checkpoint_as
 
   def __call__(self, x, out_dtype=None):
-    return parallel.project(x, self.kernel[...], self.num_in, self.fsdp_dim, self.reduce_dtype,
-                            out_dtype)
+    y = parallel.project(x, self.kernel[...], self.num_in, self.fsdp_dim, self.reduce_dtype,
+                         out_dtype)
+    return checkpoint_name(y, self.checkpoint_as) if self.checkpoint_as else y
 
 
 class RMSNorm(nnx.Module):
@@ -88,9 +92,10 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, hidden: int, intermediate: int, *, std, dtype, rngs, reduce_dtype='float32'):
     kw = dict(std=std, dtype=dtype, rngs=rngs, reduce_dtype=reduce_dtype)
-    self.gate = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), **kw)
-    self.up = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), **kw)
-    self.down = Dense((intermediate,), (hidden,), ('mlp',), ('embed',), **kw)
+    self.gate = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), checkpoint_as='mlp_in', **kw)
+    self.up = Dense((hidden,), (intermediate,), ('embed',), ('mlp',), checkpoint_as='mlp_in', **kw)
+    self.down = Dense((intermediate,), (hidden,), ('mlp',), ('embed',), checkpoint_as='block_out',
+                      **kw)
 
   def __call__(self, x_BTD):
     h_BTF = jax.nn.silu(self.gate(x_BTD)) * self.up(x_BTD)
@@ -112,13 +117,18 @@ class Embed(nnx.Module):
     self.fsdp_dim = sharded_dim(('vocab', 'embed'), 'fsdp')
     self.reduce_dtype = reduce_dtype
 
-  def __call__(self, tokens_BT, dtype):
-    return parallel.lookup(self.table[...], tokens_BT, jnp.dtype(dtype).name, self.fsdp_dim,
-                           self.reduce_dtype)
+  def gather(self, dtype):
+    """The table in dtype, gathered over fsdp: pass it to both uses of a tied table."""
+    return parallel.gathered(self.table[...], self.fsdp_dim, jnp.dtype(dtype).name,
+                             self.reduce_dtype)
 
-  def attend(self, x_BTD):
-    # Logits in float32 straight out of the matmul's accumulator.
-    table_DV = self.table[...].T
-    return parallel.project(x_BTD, table_DV, 1, None if self.fsdp_dim is None else 0,
-                            self.reduce_dtype, jnp.promote_types(x_BTD.dtype, jnp.float32).name)
+  def __call__(self, tokens_BT, dtype, table_VD=None):
+    """This device's partial embedding of tokens_BT (see parallel.lookup)."""
+    return parallel.lookup(self.gather(dtype) if table_VD is None else table_VD, tokens_BT)
+
+  def attend(self, x_BTD, table_VD=None):
+    """This device's vocabulary slice of the logits, float32 straight out of the accumulator."""
+    table_VD = self.gather(x_BTD.dtype) if table_VD is None else table_VD
+    return parallel.project(x_BTD, table_VD.T, 1, None, self.reduce_dtype,
+                            jnp.promote_types(x_BTD.dtype, jnp.float32).name)
 

@@ -34,8 +34,8 @@ from maxlite.model.attention import attention
 
 REMAT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
-    # Keep weight-matmul outputs, recompute the cheap elementwise work.
-    'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Keep weight-matmul outputs (named by layers.Dense), recompute the cheap elementwise work.
+    'save_matmuls': jax.checkpoint_policies.save_only_these_names('qkv', 'mlp_in', 'block_out'),
 }
 
 CACHE = P('layers', 'batch', 'length', 'kv_heads', 'head_dim')
@@ -123,10 +123,11 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs):
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     kw = dict(std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
-    self.q = layers.Dense((d,), (n, h), ('embed',), ('heads', 'head_dim'), **kw)
-    self.k = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
-    self.v = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), **kw)
-    self.o = layers.Dense((n, h), (d,), ('heads', 'head_dim'), ('embed',), **kw)
+    self.q = layers.Dense((d,), (n, h), ('embed',), ('heads', 'head_dim'), checkpoint_as='qkv', **kw)
+    self.k = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), checkpoint_as='qkv', **kw)
+    self.v = layers.Dense((d,), (k, h), ('embed',), ('kv_heads', 'head_dim'), checkpoint_as='qkv', **kw)
+    self.o = layers.Dense((n, h), (d,), ('heads', 'head_dim'), ('embed',), checkpoint_as='block_out',
+                          **kw)
     self.rope_theta = cfg.rope_theta
     self.backend = cfg.attention
 
@@ -206,8 +207,8 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
-    x_BTD, _ = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
-    return self._whole_vocab(self._logits(x_BTD))
+    x_BTD, _, table_VD = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    return self._whole_vocab(self._logits(x_BTD, table_VD))
 
   def token_losses(self, tokens_BT, segment_ids_BT, positions_BT, targets_BT, *,
                    compute_dtype=jnp.float32):
@@ -216,29 +217,31 @@ class Llama(nnx.Module):
     Each device computes only its vocabulary slice of the logits; they are
     never gathered (maxlite.model.parallel.cross_entropy).
     """
-    x_BTD, _ = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
-    return parallel.cross_entropy(self._logits(x_BTD), targets_BT)
+    x_BTD, _, table_VD = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    return parallel.cross_entropy(self._logits(x_BTD, table_VD), targets_BT)
 
   def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
     """(logits [B, T, V], cache) for tokens at positions_BT that continue what
     the cache holds: each row's tokens go into the slots named by their
     positions and see the slots up to their own. One call fills the cache with
     a (right-padded) prompt; later calls add one token per row."""
-    x_BTD, cache = self._hidden(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache,
-                                compute_dtype)
-    return self._whole_vocab(self._logits(x_BTD)), cache
+    x_BTD, cache, table_VD = self._hidden(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache,
+                                          compute_dtype)
+    return self._whole_vocab(self._logits(x_BTD, table_VD)), cache
 
   def _hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache, compute_dtype):
-    """The final norm's output, [B, T, D] on every tensor rank, and the cache."""
+    """(the final norm's output [B, T, D] on every tensor rank, the cache, the
+    gathered table when tied: both ends use one copy, and one gradient sum)."""
     sp = cache is None and tokens_BT.shape[1] % parallel.axis_size('tensor') == 0
-    x_BtD = parallel.scatter_sequence(self.embed(tokens_BT, compute_dtype), sp)
+    table_VD = self.embed.gather(compute_dtype) if self.cfg.tie_embeddings else None
+    x_BtD = parallel.scatter_sequence(self.embed(tokens_BT, compute_dtype, table_VD), sp)
     x_BtD, cache = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, cache, sp)
-    return parallel.gather_sequence(self.final_norm(x_BtD), sp), cache
+    return parallel.gather_sequence(self.final_norm(x_BtD), sp), cache, table_VD
 
-  def _logits(self, x_BTD):
+  def _logits(self, x_BTD, table_VD):
     """This device's vocabulary slice of the logits, float32 (or float64), padding masked."""
     if self.cfg.tie_embeddings:
-      logits_BTv = self.embed.attend(x_BTD)
+      logits_BTv = self.embed.attend(x_BTD, table_VD)
     else:
       logits_BTv = self.lm_head(x_BTD, out_dtype=jnp.promote_types(x_BTD.dtype, jnp.float32).name)
     return parallel.mask_padding(logits_BTv, self.cfg.vocab_size)

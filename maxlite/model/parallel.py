@@ -123,16 +123,39 @@ def vocab_start(local_vocab: int):
   return axis_index('tensor') * local_vocab
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def lookup(table_VD, tokens_BT, dtype: str, fsdp_dim: int | None, reduce_dtype: str):
-  """This device's part of the embedding of tokens_BT, in dtype: the rows in
-  its vocabulary slice, zeros elsewhere (sum over tensor for the whole).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def gathered(w, fsdp_dim: int | None, dtype: str, reduce_dtype: str):
+  """w in dtype, all-gathered over fsdp along fsdp_dim, for several uses.
+
+  `project` gathers its weight itself, twice; this gathers once and keeps the
+  copy for every use (the tied embedding, used at both ends of the model), so
+  that the uses' gradients are summed before their single reduce-scatter.
+  """
+  return _gather(w.astype(dtype), fsdp_dim)
+
+
+def _gathered_fwd(w, fsdp_dim, dtype, reduce_dtype):
+  return gathered(w, fsdp_dim, dtype, reduce_dtype), w
+
+
+def _gathered_bwd(fsdp_dim, dtype, reduce_dtype, w, d_full):
+  grad = _reduce_scatter(_sum_to_match(d_full.astype(reduce_dtype), w), fsdp_dim)
+  return (grad.astype(w.dtype),)
+
+
+gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+@jax.custom_vjp
+def lookup(table_VD, tokens_BT):
+  """This device's part of the embedding of tokens_BT: the rows in its
+  vocabulary slice of the (gathered) table, zeros elsewhere; sum over tensor
+  for the whole.
 
   The gradient is a scatter-add of every token's cotangent into a float32
-  table, whatever the compute dtype: summing many bf16 contributions to the
-  same row would drop their low bits.
+  table, rounded to the table's dtype once: summing many bf16 contributions
+  to the same row one by one would drop their low bits.
   """
-  table_VD = _gather(table_VD.astype(dtype), fsdp_dim)
   local_BT, inside_BT = _local_ids(tokens_BT, table_VD.shape[0])
   rows_BTD = jnp.take(table_VD, local_BT, axis=0)
   return jnp.where(inside_BT[..., None], rows_BTD, jnp.zeros((), rows_BTD.dtype))
@@ -144,18 +167,16 @@ def _local_ids(tokens_BT, local_vocab: int):
   return jnp.where(inside_BT, local_BT, 0), inside_BT
 
 
-def _lookup_fwd(table_VD, tokens_BT, dtype, fsdp_dim, reduce_dtype):
-  return lookup(table_VD, tokens_BT, dtype, fsdp_dim, reduce_dtype), (table_VD, tokens_BT)
+def _lookup_fwd(table_VD, tokens_BT):
+  return lookup(table_VD, tokens_BT), (table_VD, tokens_BT)
 
 
-def _lookup_bwd(dtype, fsdp_dim, reduce_dtype, residuals, d_BTD):
+def _lookup_bwd(residuals, d_BTD):
   table_VD, tokens_BT = residuals
   local_BT, inside_BT = _local_ids(tokens_BT, table_VD.shape[0])
   d_BTD = jnp.where(inside_BT[..., None], d_BTD.astype(jnp.float32), 0.0)
-  full_dim = d_BTD.shape[-1]
-  grad_VD = jnp.zeros((table_VD.shape[0], full_dim), jnp.float32).at[local_BT].add(d_BTD)
-  grad_VD = _reduce_scatter(_sum_to_match(grad_VD.astype(reduce_dtype), table_VD), fsdp_dim)
-  return grad_VD.astype(table_VD.dtype), None
+  grad_VD = jnp.zeros(table_VD.shape, jnp.float32).at[local_BT].add(d_BTD)
+  return _sum_to_match(grad_VD, table_VD).astype(table_VD.dtype), None
 
 
 lookup.defvjp(_lookup_fwd, _lookup_bwd)
