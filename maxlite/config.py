@@ -7,10 +7,11 @@ import math
 
 import ml_collections
 
+from maxlite.model import remat  # the policy table only, not the model
+
 MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
-REMAT_POLICIES = ('none', 'full', 'save_matmuls')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
@@ -71,7 +72,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(head_dim(model) % 2 == 0, f'head dim {head_dim(model)} must be even for rotary embeddings')
   for field in ('param_dtype', 'compute_dtype'):
     _require(model[field] in DTYPES, f'model.{field}={model[field]!r} is not one of {DTYPES}')
-  _require(model.remat in REMAT_POLICIES, f'model.remat={model.remat!r} is not one of {REMAT_POLICIES}')
+  _require(model.remat in remat.POLICIES,
+           f'model.remat={model.remat!r} is not one of {tuple(remat.POLICIES)}')
   _require(model.attention in ATTENTION_BACKENDS,
            f'model.attention={model.attention!r} is not one of {ATTENTION_BACKENDS}')
   _require(model.norm_eps > 0 and model.init_std > 0 and model.rope_theta > 0,

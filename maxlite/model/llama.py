@@ -23,12 +23,7 @@ from jax.sharding import PartitionSpec as P
 from maxlite.mesh import constrain
 from maxlite.model import layers, pipeline
 from maxlite.model.attention import attention
-
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    # Keep weight-matmul outputs, recompute the cheap elementwise work.
-    'save_matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
 RESIDUAL = P('batch', 'residual_length', 'embed')
 CACHE = P('layers', 'batch', 'length', 'kv_heads', 'head_dim')
