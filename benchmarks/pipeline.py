@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib  # noqa: E402
-from maxlite import step as step_lib  # noqa: E402
+from maxlite import metrics as metrics_lib, step as step_lib  # noqa: E402
 from maxlite.model.llama import LlamaConfig  # noqa: E402
 
 # (pipeline, repeats, micro-batches); pipeline=1 is the baseline.
@@ -56,7 +56,7 @@ def executed_flops(config, stages, repeats, micro) -> float:
   """Training FLOPs one device executes per step, bubble iterations included."""
   model, tokens = config.model, config.train.micro_batch_size * config.model.max_seq_len
   head = 6 * model.vocab_size * model.hidden_size
-  blocks = config_lib.flops_per_token(model, model.max_seq_len) - head
+  blocks = metrics_lib.flops_per_token(model, model.max_seq_len) - head
   per_device = tokens / 8  # the batch's share of a device with pipeline=1
   if stages == 1:
     return per_device * (blocks + head)

@@ -173,22 +173,3 @@ def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
   return {'pipeline_stages': sizes['pipeline'],
           'pipeline_microbatches': parallel.pipeline_microbatches or sizes['pipeline'],
           'pipeline_repeats': parallel.pipeline_repeats}
-
-
-def matmul_params(model) -> int:
-  """Weights that take part in a matmul per token: all but the embedding lookup."""
-  hd, d = head_dim(model), model.hidden_size
-  attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
-  mlp = 3 * d * model.intermediate_size
-  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
-
-
-def flops_per_token(model, seq_len: int) -> float:
-  """Training FLOPs per token, forward + backward (3x forward).
-
-  6 per matmul weight, plus attention's two T x T products: 2 * 2 * T * heads *
-  head_dim per layer forward, times 3. The causal half is not subtracted: this
-  is the PaLM convention, and it is what an XLA attention computes.
-  """
-  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
-  return 6 * matmul_params(model) + attention

@@ -1,9 +1,11 @@
-"""Throughput, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard."""
+"""FLOPs per token, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard."""
 import json
 import pathlib
 import sys
 
 import jax
+
+from maxlite.config import head_dim
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched on jax's device_kind.
 # Longest key first, so 'H100 PCIe' wins over 'H100'.
@@ -29,7 +31,27 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
+def matmul_params(model) -> int:
+  """Weights that take part in a matmul per token: all but the embedding lookup."""
+  hd, d = head_dim(model), model.hidden_size
+  attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
+  mlp = 3 * d * model.intermediate_size
+  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
+
+
+def flops_per_token(model, seq_len: int) -> float:
+  """Training FLOPs per token, forward + backward (3x forward).
+
+  6 per matmul weight, plus attention's two T x T products: 2 * 2 * T * heads *
+  head_dim per layer forward, times 3. The causal half is not subtracted: this
+  is the PaLM convention, and it is what an XLA attention computes.
+  """
+  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
+  return 6 * matmul_params(model) + attention
+
+
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float | None):
+  """The share of the devices' peak that the model FLOPs use; None where the peak is unknown."""
   if not peak:
     return None
   return flops_per_token * tokens_per_second / (num_devices * peak)

@@ -274,7 +274,7 @@ def train(config) -> list[dict]:
   temp = f', temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB' if memory else ''
   writer.info(f'compiled the train step in {time.perf_counter() - t0:.1f}s{temp}')
 
-  flops_per_token = config_lib.flops_per_token(config.model, seq_len)
+  flops_per_token = metrics_lib.flops_per_token(config.model, seq_len)
   peak = metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
   tokens_per_step = global_batch * seq_len
   history, pending = [], []

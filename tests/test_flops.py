@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from configs import base
-from maxlite import config as config_lib, mesh as mesh_lib, metrics, optim, state as state_lib, step as step_lib
+from maxlite import mesh as mesh_lib, metrics, optim, state as state_lib, step as step_lib
 from maxlite.model.llama import LlamaConfig
 
 
@@ -34,7 +34,7 @@ def test_flops_per_token_matches_xla_cost_analysis():
   analysis = compiled.cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   xla_flops = analysis['flops']
-  ours = config_lib.flops_per_token(model, model.max_seq_len) * batch * model.max_seq_len
+  ours = metrics.flops_per_token(model, model.max_seq_len) * batch * model.max_seq_len
   print(f"maxlite {ours:.4g} vs XLA {xla_flops:.4g} FLOPs: ratio {ours / xla_flops:.3f}")
   assert abs(ours - xla_flops) / xla_flops < 0.15, (ours, xla_flops)
 
