@@ -1,4 +1,17 @@
-"""FLOPs per token, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard."""
+"""FLOPs per token, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard.
+
+MFU (model FLOPs utilisation) follows the PaLM convention (Chowdhery et al.
+2022, appendix B): a token costs 6 FLOPs per matmul weight (2 forward, 4
+backward) plus 12 x layers x seq x heads x head_dim for attention's two T x T
+products (scores and the weighted sum of values: 2 x 2 x seq x heads x head_dim
+per layer forward, times 3 with the backward). The causal half is NOT
+subtracted: that is the number papers quote, and what dense XLA attention
+computes. A causal mask makes half of those products unnecessary, and the
+flash-attention kernel skips the tiles above the diagonal, so `mfu_causal`
+halves the attention term: the utilisation of the work that kernel does. Both
+are logged when the peak is known; they differ by the attention term's share
+of the FLOPs, which grows with seq / hidden_size.
+"""
 import json
 import pathlib
 import sys
@@ -39,15 +52,14 @@ def matmul_params(model) -> int:
   return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
 
 
-def flops_per_token(model, seq_len: int) -> float:
-  """Training FLOPs per token, forward + backward (3x forward).
+def flops_per_token(model, seq_len: int, causal: bool = False) -> float:
+  """Training FLOPs per token of the `model` sub-config, forward + backward (3x forward).
 
-  6 per matmul weight, plus attention's two T x T products: 2 * 2 * T * heads *
-  head_dim per layer forward, times 3. The causal half is not subtracted: this
-  is the PaLM convention, and it is what an XLA attention computes.
+  The PaLM convention (see the module docstring); causal=True halves the
+  attention term, counting only the products a causal mask leaves.
   """
   attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
-  return 6 * matmul_params(model) + attention
+  return 6 * matmul_params(model) + (attention / 2 if causal else attention)
 
 
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float | None):

@@ -160,6 +160,7 @@ def train(config) -> list[dict]:
     log = StepLog(
         writer, train_cfg, datasets, batches.tokens_read, tokens_per_step=global_batch * seq_len,
         flops_per_token=metrics_lib.flops_per_token(config.model, seq_len),
+        causal_flops_per_token=metrics_lib.flops_per_token(config.model, seq_len, causal=True),
         peak=metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device))
     with preemption.StopSignal() as stop_signal:
       try:
@@ -408,6 +409,7 @@ class StepLog:
   tokens_read: Callable[[], np.ndarray]  # per source, all processes: a collective, as is flush
   tokens_per_step: int
   flops_per_token: float  # the PaLM convention (metrics.py)
+  causal_flops_per_token: float  # attention's causal half not counted
   peak: float | None  # FLOP/s per device; None: no MFU
   pending: list[dict] = dataclasses.field(default_factory=list)
   history: list[dict] = dataclasses.field(default_factory=list)
@@ -436,10 +438,10 @@ class StepLog:
     line = (f'step {step:>6}/{self.train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
             f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
             f'{1e3 * record["step_time"]:.1f} ms/step')
-    utilisation = metrics_lib.mfu(self.flops_per_token, tokens_per_second, jax.device_count(), self.peak)
-    if utilisation is not None:
-      record['mfu'] = utilisation
-      line += f'  MFU {100 * utilisation:.1f}%'
+    if self.peak:
+      for name, flops in (('mfu', self.flops_per_token), ('mfu_causal', self.causal_flops_per_token)):
+        record[name] = metrics_lib.mfu(flops, tokens_per_second, jax.device_count(), self.peak)
+      line += f'  MFU {100 * record["mfu"]:.1f}% (causal {100 * record["mfu_causal"]:.1f}%)'
     consumed = self.tokens_read()
     for dataset, count in zip(self.datasets, consumed):
       record[f'tokens/{dataset.name}'] = int(count)
