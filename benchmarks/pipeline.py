@@ -25,14 +25,13 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import base  # noqa: E402
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib  # noqa: E402
-from maxlite import step as step_lib  # noqa: E402
+from maxlite import metrics as metrics_lib, step as step_lib  # noqa: E402
 from maxlite.model.llama import LlamaConfig  # noqa: E402
 
 # (pipeline, repeats, micro-batches); pipeline=1 is the baseline.
@@ -56,7 +55,7 @@ def executed_flops(config, stages, repeats, micro) -> float:
   """Training FLOPs one device executes per step, bubble iterations included."""
   model, tokens = config.model, config.train.micro_batch_size * config.model.max_seq_len
   head = 6 * model.vocab_size * model.hidden_size
-  blocks = config_lib.flops_per_token(model, model.max_seq_len) - head
+  blocks = metrics_lib.flops_per_token(model, model.max_seq_len) - head
   per_device = tokens / 8  # the batch's share of a device with pipeline=1
   if stages == 1:
     return per_device * (blocks + head)
@@ -68,10 +67,9 @@ def measure(args, stages, repeats, micro) -> dict:
   config = make_config(args, stages, repeats, micro)
   sizes = config_lib.validate(config, jax.device_count())
   mesh = mesh_lib.make_mesh(sizes)
-  model_cfg = LlamaConfig.from_config(config.model, **config_lib.pipeline_fields(config.parallel, sizes))
+  model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, sizes))
   _, _, logical = state_lib.abstract_model(model_cfg)
   tx = optim.make_optimizer(config.optim, config.train.steps, logical)
-  batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (args.batch, args.seq))
   rng = np.random.default_rng(0)
   batch = {name: rng.integers(0, model_cfg.vocab_size, (args.batch, args.seq), dtype=np.int32)
            for name in ('inputs', 'targets')}
@@ -79,13 +77,10 @@ def measure(args, stages, repeats, micro) -> dict:
                positions=np.broadcast_to(np.arange(args.seq, dtype=np.int32), (args.batch, args.seq)),
                loss_mask=np.ones((args.batch, args.seq), np.int32))
   with jax.set_mesh(mesh):
-    graphdef, _, state, shardings = state_lib.create_train_state(model_cfg, tx, mesh, 0, False)
-    train_step = jax.jit(functools.partial(
-        step_lib.train_step, graphdef=graphdef, tx=tx,
-        schedule=optim.learning_rate_schedule(config.optim, config.train.steps),
-        settings=step_lib.StepSettings()), out_shardings=(shardings, None), donate_argnums=0)
-    batch = jax.device_put(batch, batch_sharding)
-    compiled = train_step.lower(state, batch).compile()
+    steps = step_lib.build(config, model_cfg, mesh, tx)
+    _, _, state, _ = state_lib.create_train_state(model_cfg, tx, mesh, 0, False)
+    batch = jax.device_put(batch, steps.batch_sharding)
+    compiled = steps.train.lower(state, batch).compile()
     memory, cost, hlo = compiled.memory_analysis(), compiled.cost_analysis(), compiled.as_text()
     state, metrics = compiled(state, batch)  # warm-up
     jax.block_until_ready(metrics)

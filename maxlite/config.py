@@ -7,10 +7,11 @@ import math
 
 import ml_collections
 
+from maxlite.model import remat  # the policy table only, not the model
+
 MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
-REMAT_POLICIES = ('none', 'full', 'save_matmuls')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
@@ -71,7 +72,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(head_dim(model) % 2 == 0, f'head dim {head_dim(model)} must be even for rotary embeddings')
   for field in ('param_dtype', 'compute_dtype'):
     _require(model[field] in DTYPES, f'model.{field}={model[field]!r} is not one of {DTYPES}')
-  _require(model.remat in REMAT_POLICIES, f'model.remat={model.remat!r} is not one of {REMAT_POLICIES}')
+  _require(model.remat in remat.POLICIES,
+           f'model.remat={model.remat!r} is not one of {tuple(remat.POLICIES)}')
   _require(model.attention in ATTENTION_BACKENDS,
            f'model.attention={model.attention!r} is not one of {ATTENTION_BACKENDS}')
   _require(model.norm_eps > 0 and model.init_std > 0 and model.rope_theta > 0,
@@ -206,21 +208,3 @@ def padded_vocab_size(vocab_size: int, tensor: int) -> int:
   multiple = 128 * tensor
   return -(-vocab_size // multiple) * multiple
 
-
-def matmul_params(model) -> int:
-  """Weights that take part in a matmul per token: all but the embedding lookup."""
-  hd, d = head_dim(model), model.hidden_size
-  attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
-  mlp = 3 * d * model.intermediate_size
-  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
-
-
-def flops_per_token(model, seq_len: int) -> float:
-  """Training FLOPs per token, forward + backward (3x forward).
-
-  6 per matmul weight, plus attention's two T x T products: 2 * 2 * T * heads *
-  head_dim per layer forward, times 3. The causal half is not subtracted: this
-  is the PaLM convention, and it is what an XLA attention computes.
-  """
-  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
-  return 6 * matmul_params(model) + attention

@@ -1,9 +1,24 @@
-"""Throughput, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard."""
+"""FLOPs per token, MFU, and the writers that put metrics on stdout, JSONL and TensorBoard.
+
+MFU (model FLOPs utilisation) follows the PaLM convention (Chowdhery et al.
+2022, appendix B): a token costs 6 FLOPs per matmul weight (2 forward, 4
+backward) plus 12 x layers x seq x heads x head_dim for attention's two T x T
+products (scores and the weighted sum of values: 2 x 2 x seq x heads x head_dim
+per layer forward, times 3 with the backward). The causal half is NOT
+subtracted: that is the number papers quote, and what dense XLA attention
+computes. A causal mask makes half of those products unnecessary, and the
+flash-attention kernel skips the tiles above the diagonal, so `mfu_causal`
+halves the attention term: the utilisation of the work that kernel does. Both
+are logged when the peak is known; they differ by the attention term's share
+of the FLOPs, which grows with seq / hidden_size.
+"""
 import json
 import pathlib
 import sys
 
 import jax
+
+from maxlite.config import head_dim
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched on jax's device_kind.
 # Longest key first, so 'H100 PCIe' wins over 'H100'.
@@ -29,7 +44,26 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
+def matmul_params(model) -> int:
+  """Weights that take part in a matmul per token: all but the embedding lookup."""
+  hd, d = head_dim(model), model.hidden_size
+  attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
+  mlp = 3 * d * model.intermediate_size
+  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
+
+
+def flops_per_token(model, seq_len: int, causal: bool = False) -> float:
+  """Training FLOPs per token of the `model` sub-config, forward + backward (3x forward).
+
+  The PaLM convention (see the module docstring); causal=True halves the
+  attention term, counting only the products a causal mask leaves.
+  """
+  attention = 12 * model.num_layers * seq_len * model.num_heads * head_dim(model)
+  return 6 * matmul_params(model) + (attention / 2 if causal else attention)
+
+
 def mfu(flops_per_token: float, tokens_per_second: float, num_devices: int, peak: float | None):
+  """The share of the devices' peak that the model FLOPs use; None where the peak is unknown."""
   if not peak:
     return None
   return flops_per_token * tokens_per_second / (num_devices * peak)

@@ -1,16 +1,21 @@
 """Entry point and THE train loop, readable top to bottom.
 
     python -m maxlite.train --config=configs/tiny.py [--config.optim.lr=1e-3 ...]
+
+train() builds everything in order (platform, run directory, mesh, data,
+state, step, checkpoint, compile) and then runs the loop; the helpers below it
+follow the same order.
 """
 import dataclasses
-import functools
 import json
 import pathlib
 import shutil
 import sys
 import time
+from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
@@ -28,99 +33,11 @@ from maxlite.model.llama import LlamaConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 
-
 _MAX_STEPS_IN_FLIGHT = 4
 
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, an existing run_dir); printed as one line."""
-
-
-def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool):
-  """Resume what is there, or move it aside when asked; never overwrite it.
-
-  Returns whether there is a checkpoint to resume. Every process looks before
-  any of them changes the directory, so they all decide alike.
-  """
-  checkpoints = run_dir / 'checkpoints'
-  # Orbax names a complete step by its number; an interrupted save has a suffix.
-  has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-  occupied = run_dir.exists() and any(run_dir.iterdir())
-  distributed.barrier('maxlite_run_dir_inspected')
-  if not occupied:
-    return False
-  if fresh_start:
-    aside = run_dir.with_name(f'{run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
-    if jax.process_index() == 0:
-      shutil.move(run_dir, aside)
-    print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
-    return False
-  if not has_checkpoint:
-    raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
-                        'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
-  return True
-
-
-def place_batch(local_rows: dict, sharding, global_rows: int) -> dict:
-  """This process's rows of a batch -> global arrays laid out as the step wants them."""
-  return {name: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
-          for name, x in local_rows.items()}
-
-
-def loader_shards(rows_by_process: dict, global_batch: int, configured: int) -> tuple[list[int], int]:
-  """(this process's loader shards, how many there are) for the rows its devices hold.
-
-  By default there is one shard per distinct block of rows, i.e. one per
-  process. A fixed data.loader_shards makes the batches independent of the
-  process count, so a run resumes exactly on another number of hosts.
-  """
-  blocks = sorted(set(rows_by_process.values()))
-  num_shards = configured or len(blocks)
-  first, end = rows_by_process[jax.process_index()]
-  rows_per_shard = global_batch // num_shards
-  if global_batch % num_shards or first % rows_per_shard or end % rows_per_shard:
-    raise config_lib.ConfigError(
-        f'data.loader_shards={num_shards} does not fit the batch: each of the {len(blocks)} '
-        f'blocks of the global batch {global_batch} that the processes hold (rows {blocks}) '
-        'must be a whole number of shards')
-  return list(range(first // rows_per_shard, end // rows_per_shard)), num_shards
-
-
-def global_counts(local: np.ndarray) -> np.ndarray:
-  """Sums per-process counters over all processes (a collective: every process calls it)."""
-  if jax.process_count() == 1:
-    return local
-  return multihost_utils.process_allgather(local).sum(axis=0)
-
-
-def _short(count: int) -> str:
-  for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
-    if count >= size:
-      return f'{count / size:.1f}{unit}'
-  return str(int(count))
-
-
-def check_run_tokenizer(run_dir: pathlib.Path, tokenizer):
-  """A resumed run must read its data with the tokenizer it started with."""
-  saved = run_dir / 'tokenizer' / tokenizers.DESCRIPTION_FILE
-  if saved.is_file() and json.loads(saved.read_text()) != tokenizer.describe():
-    raise TrainingError(f'data.source uses a different tokenizer ({tokenizer.describe()["kind"]}) '
-                        f'from the one {run_dir} was trained with ({saved})')
-
-
-def open_data(data, model_vocab_size: int):
-  """The configured datasets and their tokenizer, checked against the model."""
-  if data.source == 'embedded':
-    folder = embedded.prepare(data.cache_dir, data.embedded_max_bytes, data.val_fraction)
-    entries = [(str(folder), None)]
-  else:
-    entries = pipeline.parse_sources(data.source)
-  datasets, tokenizer = pipeline.open_datasets(entries)
-  if tokenizer.vocab_size > model_vocab_size:
-    raise config_lib.ConfigError(
-        f'model.vocab_size={model_vocab_size} is smaller than the vocabulary ({tokenizer.vocab_size}) '
-        f'of the {tokenizer.kind} tokenizer of {datasets[0].folder}')
-  return datasets, tokenizer
 
 
 def train(config) -> list[dict]:
@@ -141,8 +58,7 @@ def train(config) -> list[dict]:
   train_cfg = config.train
   seq_len = config.data.seq_len
   global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
-  data = config.data
-  datasets, tokenizer = open_data(data, model_cfg.vocab_size)  # before anything is written
+  datasets, tokenizer = open_data(config.data, model_cfg.vocab_size)  # before anything is written
   if config.checkpoint.init_from_hf:
     try:
       hf.check_config(config.checkpoint.init_from_hf, model_cfg)
@@ -173,206 +89,382 @@ def train(config) -> list[dict]:
                 f'({jax.local_device_count()} devices each); tensor-parallel collectives '
                 'will cross hosts, which is slow')
 
-  # -- data ----------------------------------------------------------------------
-  batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (global_batch, seq_len))
-  rows_by_process = mesh_lib.batch_rows_by_process(batch_sharding, (global_batch, seq_len))
-  own_first, own_end = rows_by_process[jax.process_index()]
+  with jax.set_mesh(mesh):  # everything from here on runs on this mesh
+    # -- data ----------------------------------------------------------------------
+    batch_sharding = mesh_lib.named_sharding(mesh, step_lib.BATCH, (global_batch, seq_len))
+    data_plan = plan_data(config, datasets, batch_sharding, writer.info)
+
+    # -- state and steps -----------------------------------------------------------------
+    _, _, logical = state_lib.abstract_model(model_cfg)
+    tx = optim.make_optimizer(config.optim, train_cfg.steps, logical,
+                              skip_nonfinite=train_cfg.nonfinite == 'skip')
+    steps = step_lib.build(config, model_cfg, mesh, tx)  # jitted; compiled below
+    _, _, state, shardings = state_lib.create_train_state(
+        model_cfg, tx, mesh, config.seed, config.parallel.zero1)
+    writer.info(parameter_overview.get_parameter_overview(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
+        include_stats=False))
+    param_bytes = state_lib.bytes_per_device(state.params, shardings.params)
+    opt_bytes = state_lib.bytes_per_device(state.opt_state, shardings.opt_state)
+    writer.info(f'per-device memory: params {param_bytes / 2**20:.1f} MiB, '
+                f'optimizer state {opt_bytes / 2**20:.1f} MiB')
+
+    # -- checkpoint ------------------------------------------------------------------
+    checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep,
+                                config.checkpoint.keep_every, config.checkpoint.async_save)
+    start, state = checkpointer.restore_latest(state, shardings, writer.info)
+    if start is not None:
+      writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
+    elif config.checkpoint.init_from_hf:  # the run's own checkpoint always wins
+      imported = hf.import_params(config.checkpoint.init_from_hf, model_cfg)
+      state = state_lib.state_from_params(imported, tx, shardings)
+      writer.info(f'initialised the parameters from {config.checkpoint.init_from_hf}')
+    start = start or 0
+    if start >= train_cfg.steps:
+      writer.info(f'{run_dir} is already complete at step {start} of {train_cfg.steps}; pass '
+                  '--config.train.fresh_start=True or another --config.train.run_dir to train again')
+      checkpointer.close()
+      return []
+    batches = open_loader(data_plan, datasets, start, checkpointer, writer.info)
+
+    # -- ahead-of-time compile -------------------------------------------------------
+    # Both steps compile here, so the loop never stops to compile and the
+    # memory the train step needs is known before the first step runs.
+    train_step, seconds = compile_ahead(steps.train, state, steps.batch_shapes(global_batch, seq_len))
+    memory = train_step.memory_analysis()
+    temp = f', temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB' if memory else ''
+    writer.info(f'compiled the train step in {seconds:.1f}s{temp}')
+    if train_cfg.eval_steps:
+      eval_step, seconds = compile_ahead(
+          steps.eval, state.params, steps.batch_shapes(train_cfg.micro_batch_size, seq_len))
+      writer.info(f'compiled the eval step in {seconds:.1f}s')
+
+    # -- loop --------------------------------------------------------------------------
+    config_json = config.to_json_best_effort()
+    log = StepLog(
+        writer, train_cfg, datasets, batches.tokens_read, tokens_per_step=global_batch * seq_len,
+        flops_per_token=metrics_lib.flops_per_token(config.model, seq_len),
+        causal_flops_per_token=metrics_lib.flops_per_token(config.model, seq_len, causal=True),
+        peak=metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device))
+    with preemption.StopSignal() as stop_signal:
+      try:
+        for step in range(start + 1, train_cfg.steps + 1):
+          batch = next(batches)
+          with jax.transfer_guard(train_cfg.transfer_guard):
+            state, step_metrics = train_step(state, batch)
+          log.add(step_metrics)
+          is_last = step == train_cfg.steps
+          at_log_step = is_last or step % train_cfg.log_interval == 0
+          at_eval_step = is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)
+          stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)
+          saving = stopping or checkpointer.should_save(step, train_cfg.steps)
+          if saving or at_log_step:
+            log.flush(step)  # before any save: never save a non-finite state
+          if train_cfg.eval_steps and at_eval_step:
+            log.validation(step, evaluate(eval_step, state.params, data_plan.validation_batches()))
+          if saving:
+            checkpointer.save(step, state, config_json, *batches.checkpoint_state())
+          if stopping:
+            writer.info(f'{stop_signal.received or "a stop signal"} received: saved step {step} of '
+                        f'{train_cfg.steps}; run the same command again to resume')
+            break
+          if saving or at_log_step:
+            log.start_interval()  # eval and save time are not step time
+      finally:
+        checkpointer.close()  # waits for the last save to be on disk
+        writer.close()
+    return log.history
+
+
+# -- run directory and datasets -------------------------------------------------------
+
+def open_data(data, model_vocab_size: int):
+  """The configured datasets and their tokenizer, checked against the model."""
+  if data.source == 'embedded':
+    folder = embedded.prepare(data.cache_dir, data.embedded_max_bytes, data.val_fraction)
+    entries = [(str(folder), None)]
+  else:
+    entries = pipeline.parse_sources(data.source)
+  datasets, tokenizer = pipeline.open_datasets(entries)
+  if tokenizer.vocab_size > model_vocab_size:
+    raise config_lib.ConfigError(
+        f'model.vocab_size={model_vocab_size} is smaller than the vocabulary ({tokenizer.vocab_size}) '
+        f'of the {tokenizer.kind} tokenizer of {datasets[0].folder}')
+  return datasets, tokenizer
+
+
+def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool):
+  """Resume what is there, or move it aside when asked; never overwrite it.
+
+  Returns whether there is a checkpoint to resume. Every process looks before
+  any of them changes the directory, so they all decide alike.
+  """
+  checkpoints = run_dir / 'checkpoints'
+  # Orbax names a complete step by its number; an interrupted save has a suffix.
+  has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+  occupied = run_dir.exists() and any(run_dir.iterdir())
+  distributed.barrier('maxlite_run_dir_inspected')
+  if not occupied:
+    return False
+  if fresh_start:
+    aside = run_dir.with_name(f'{run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
+    if jax.process_index() == 0:
+      shutil.move(run_dir, aside)
+    print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
+    return False
+  if not has_checkpoint:
+    raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
+                        'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
+  return True
+
+
+def check_run_tokenizer(run_dir: pathlib.Path, tokenizer):
+  """A resumed run must read its data with the tokenizer it started with."""
+  saved = run_dir / 'tokenizer' / tokenizers.DESCRIPTION_FILE
+  if saved.is_file() and json.loads(saved.read_text()) != tokenizer.describe():
+    raise TrainingError(f'data.source uses a different tokenizer ({tokenizer.describe()["kind"]}) '
+                        f'from the one {run_dir} was trained with ({saved})')
+
+
+# -- this process's data: loader shards, batch placement, resuming -----------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+  """What this process reads: its loader shards, the rows of each batch they fill, and its
+  rows of the validation batches."""
+  settings: pipeline.LoaderSettings  # batch_size: the rows of one loader shard
+  sharding: jax.sharding.NamedSharding  # of every batch, train and validation
+  global_batch: int
+  micro_batch: int  # the rows of a validation batch
+  shard_indices: list[int]
+  num_shards: int
+  counts_tokens: bool  # whether this process's tokens go into the per-source counts
+  val_rows: list[dict]  # this process's rows of each validation batch
+
+  def validation_batches(self):
+    """The validation batches as global arrays, each placed as evaluation reaches it."""
+    return (place_batch(rows, self.sharding, self.micro_batch) for rows in self.val_rows)
+
+
+def plan_data(config, datasets, sharding, info: Callable[[str], None]) -> DataPlan:
+  """This process's share of the batches that `sharding` lays out over the mesh."""
+  data, train_cfg = config.data, config.train
+  global_batch = train_cfg.micro_batch_size * train_cfg.grad_accum_steps
+  rows_by_process = mesh_lib.batch_rows_by_process(sharding, (global_batch, data.seq_len))
   shard_indices, num_shards = loader_shards(rows_by_process, global_batch, data.loader_shards)
   # Processes holding the same rows (tensor across hosts) read the same shards;
   # the first of them counts their tokens.
-  counts_tokens = jax.process_index() == min(p for p, rows in rows_by_process.items()
-                                             if rows == (own_first, own_end))
-  loader_settings = pipeline.LoaderSettings(
-      seq_len=seq_len, batch_size=global_batch // num_shards, packing=data.packing,
+  own_rows = rows_by_process[jax.process_index()]
+  counts_tokens = jax.process_index() == min(p for p, rows in rows_by_process.items() if rows == own_rows)
+  settings = pipeline.LoaderSettings(
+      seq_len=data.seq_len, batch_size=global_batch // num_shards, packing=data.packing,
       bos_aligned=data.bos_aligned, mixing=data.mixing, shuffle=data.shuffle,
       row_shuffle_window=data.row_shuffle_window, seed=config.seed,
       worker_count=data.worker_count, worker_buffer_size=data.worker_buffer_size,
       read_threads=data.read_threads)
   val_batches = pipeline.validation_batches(
-      datasets, dataclasses.replace(loader_settings, batch_size=train_cfg.micro_batch_size),
+      datasets, dataclasses.replace(settings, batch_size=train_cfg.micro_batch_size),
       train_cfg.eval_steps)
   for dataset in datasets:
-    writer.info(f'data: {dataset.folder} ({dataset.meta["tokenizer"]["kind"]} tokenizer): '
-                f'{dataset.split("train")["tokens"]:,} train / {dataset.split("validation")["tokens"]:,} '
-                f'validation tokens' + (f', weight {dataset.weight}' if dataset.weight else ''))
-  # Validation batches are whole micro-batches that every process holds; each places its rows.
+    info(f'data: {dataset.folder} ({dataset.meta["tokenizer"]["kind"]} tokenizer): '
+         f'{dataset.split("train")["tokens"]:,} train / {dataset.split("validation")["tokens"]:,} '
+         f'validation tokens' + (f', weight {dataset.weight}' if dataset.weight else ''))
+  info(f'data: batch {global_batch} x {data.seq_len}, {data.packing} packing, '
+       f'{len(val_batches)} validation batches, {num_shards} loader shard(s)')
+  # Validation batches are whole micro-batches that every process reads; each keeps its rows.
   val_first, val_end = mesh_lib.batch_rows_by_process(
-      batch_sharding, (train_cfg.micro_batch_size, seq_len))[jax.process_index()]
-  writer.info(f'data: batch {global_batch} x {seq_len}, {data.packing} packing, '
-              f'{len(val_batches)} validation batches, {num_shards} loader shard(s)')
-  batch_shapes = {name: jax.ShapeDtypeStruct((global_batch, seq_len), np.int32, sharding=batch_sharding)
-                  for name in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+      sharding, (train_cfg.micro_batch_size, data.seq_len))[jax.process_index()]
+  val_rows = [{name: x[val_first:val_end] for name, x in batch.items()} for batch in val_batches]
+  return DataPlan(settings, sharding, global_batch, train_cfg.micro_batch_size, shard_indices,
+                  num_shards, counts_tokens, val_rows)
 
-  # -- state -----------------------------------------------------------------------
-  _, _, logical = state_lib.abstract_model(model_cfg)
-  tx = optim.make_optimizer(config.optim, train_cfg.steps, logical,
-                            skip_nonfinite=train_cfg.nonfinite == 'skip')
-  with jax.set_mesh(mesh):
-    graphdef, logical, state, shardings = state_lib.create_train_state(
-        model_cfg, tx, mesh, config.seed, config.parallel.zero1)
-  writer.info(parameter_overview.get_parameter_overview(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params),
-      include_stats=False))
-  param_bytes = state_lib.bytes_per_device(state.params, shardings.params)
-  opt_bytes = state_lib.bytes_per_device(state.opt_state, shardings.opt_state)
-  writer.info(f'per-device memory: params {param_bytes / 2**20:.1f} MiB, '
-              f'optimizer state {opt_bytes / 2**20:.1f} MiB')
 
-  # -- step --------------------------------------------------------------------------
-  settings = step_lib.StepSettings(compute_dtype=config.model.compute_dtype,
-                                   grad_accum_steps=train_cfg.grad_accum_steps,
-                                   z_loss_weight=config.model.z_loss_weight,
-                                   grad_reduce_dtype=model_cfg.grad_reduce_dtype)
-  layout = step_lib.Layout.create(mesh, logical, state.params, zero1=config.parallel.zero1,
-                                  schedule=model_cfg.pipeline_schedule,
-                                  batch_shape=(global_batch, seq_len))
-  schedule = optim.learning_rate_schedule(config.optim, train_cfg.steps)
-  batch_shardings = {name: batch_sharding for name in batch_shapes}
-  train_step = jax.jit(
-      functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, schedule=schedule,
-                        settings=settings, layout=layout),
-      in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None), donate_argnums=0)
-  eval_step = jax.jit(functools.partial(step_lib.eval_step, graphdef=graphdef, settings=settings,
-                                        layout=layout),
-                      in_shardings=(shardings.params, batch_shardings))
+def loader_shards(rows_by_process: dict, global_batch: int, configured: int) -> tuple[list[int], int]:
+  """(this process's loader shards, how many there are) for the rows its devices hold.
 
-  # -- checkpoint ------------------------------------------------------------------
-  checkpointer = Checkpointer(run_dir, config.checkpoint.interval, config.checkpoint.max_to_keep,
-                              config.checkpoint.keep_every, config.checkpoint.async_save)
-  start, state = checkpointer.restore_latest(state, shardings, writer.info)
-  source_tokens = np.zeros(len(datasets), np.int64)
-  if start is not None:
-    writer.info(f'resuming {run_dir} from its checkpoint at step {start}')
-  elif config.checkpoint.init_from_hf:  # the run's own checkpoint always wins
-    imported = hf.import_params(config.checkpoint.init_from_hf, model_cfg)
-    state = state_lib.state_from_params(imported, tx, shardings)
-    writer.info(f'initialised the parameters from {config.checkpoint.init_from_hf}')
-  start = start or 0
-  if start >= train_cfg.steps:
-    writer.info(f'{run_dir} is already complete at step {start} of {train_cfg.steps}; pass '
-                '--config.train.fresh_start=True or another --config.train.run_dir to train again')
-    checkpointer.close()
-    return []
+  By default there is one shard per distinct block of rows, i.e. one per
+  process. A fixed data.loader_shards makes the batches independent of the
+  process count, so a run resumes exactly on another number of hosts.
+  """
+  blocks = sorted(set(rows_by_process.values()))
+  num_shards = configured or len(blocks)
+  first, end = rows_by_process[jax.process_index()]
+  rows_per_shard = global_batch // num_shards
+  if global_batch % num_shards or first % rows_per_shard or end % rows_per_shard:
+    raise config_lib.ConfigError(
+        f'data.loader_shards={num_shards} does not fit the batch: each of the {len(blocks)} '
+        f'blocks of the global batch {global_batch} that the processes hold (rows {blocks}) '
+        'must be a whole number of shards')
+  return list(range(first // rows_per_shard, end // rows_per_shard)), num_shards
+
+
+@dataclasses.dataclass
+class TrainBatches:
+  """This process's training batches as global arrays, and the tokens it has read per source."""
+  loader: pipeline.ShardedLoader
+  plan: DataPlan
+  source_tokens: np.ndarray  # this process's counts; their sum over processes is global
+
+  def __next__(self) -> dict:
+    local_rows = next(self.loader)
+    self.source_tokens += local_rows.pop('source_tokens') * self.plan.counts_tokens
+    return place_batch(local_rows, self.plan.sharding, self.plan.global_batch)
+
+  def tokens_read(self) -> np.ndarray:
+    """Tokens read per source by all processes (a collective: every process calls it)."""
+    return global_counts(self.source_tokens)
+
+  def checkpoint_state(self) -> tuple[dict, dict]:
+    """(loader state, data progress), the arguments Checkpointer.save takes; a collective."""
+    return self.loader.get_state(), {'source_tokens': self.tokens_read().tolist()}
+
+
+def open_loader(plan: DataPlan, datasets, start: int, checkpointer: Checkpointer,
+                info: Callable[[str], None]) -> TrainBatches:
+  """The training batches after step `start`: from the loader state saved there when it fits
+  this run's loader shards, else from a fresh shuffle."""
   loader_state, progress = checkpointer.restore_data(start) if start else (None, None)
-  if progress and jax.process_index() == 0:  # counters are per process; their sum is global
-    source_tokens[:] = progress['source_tokens']
-  resumes_loader = pipeline.ShardedLoader.state_fits(loader_state, shard_indices, num_shards)
-  if start and not resumes_loader:
+  settings = plan.settings
+  resumes = pipeline.ShardedLoader.state_fits(loader_state, plan.shard_indices, plan.num_shards)
+  if start and not resumes:
     # A shard's state covers its own slice of the documents, so it does not
     # carry over to another number of shards: start a fresh shuffle instead.
-    loader_settings = dataclasses.replace(loader_settings, seed=config.seed + start)
+    settings = dataclasses.replace(settings, seed=settings.seed + start)
     saved = loader_state['num_shards'] if loader_state else 'no'
-    writer.info(f'data: the checkpoint at step {start} has {saved} loader shards, this run '
-                f'{num_shards}; starting a fresh shuffle (documents of the interrupted epoch may '
-                'repeat or be skipped; a fixed data.loader_shards avoids this)')
-  data_iterator = pipeline.ShardedLoader(datasets, loader_settings, shard_indices, num_shards)
-  if resumes_loader:
-    data_iterator.set_state(loader_state)
-    writer.info(f'data: the loader continues from its state at step {start}')
+    info(f'data: the checkpoint at step {start} has {saved} loader shards, this run '
+         f'{plan.num_shards}; starting a fresh shuffle (documents of the interrupted epoch may '
+         'repeat or be skipped; a fixed data.loader_shards avoids this)')
+  loader = pipeline.ShardedLoader(datasets, settings, plan.shard_indices, plan.num_shards)
+  if resumes:
+    loader.set_state(loader_state)
+    info(f'data: the loader continues from its state at step {start}')
+  source_tokens = np.zeros(len(datasets), np.int64)
+  if progress and jax.process_index() == 0:  # counters are per process; their sum is global
+    source_tokens[:] = progress['source_tokens']
+  return TrainBatches(loader, plan, source_tokens)
 
-  # -- ahead-of-time compile -------------------------------------------------------
-  with jax.set_mesh(mesh):
-    t0 = time.perf_counter()
-    compiled = train_step.lower(state, batch_shapes).compile()
-  memory = compiled.memory_analysis()
-  temp = f', temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB' if memory else ''
-  writer.info(f'compiled the train step in {time.perf_counter() - t0:.1f}s{temp}')
 
-  flops_per_token = config_lib.flops_per_token(config.model, seq_len)
-  peak = metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device)
-  tokens_per_step = global_batch * seq_len
-  history, pending = [], []
-  config_json = config.to_json_best_effort()
+def place_batch(local_rows: dict, sharding, global_rows: int) -> dict:
+  """This process's rows of a batch -> global arrays laid out as the step wants them."""
+  return {name: jax.make_array_from_process_local_data(sharding, x, (global_rows, *x.shape[1:]))
+          for name, x in local_rows.items()}
 
-  def flush(step: int):
-    """Fetches the metrics of the steps since the last flush: the only host sync."""
-    fetched = jax.device_get(pending)
-    seconds = time.perf_counter() - interval_start
-    first = step - len(fetched) + 1
-    for offset, m in enumerate(fetched):
+
+def global_counts(local: np.ndarray) -> np.ndarray:
+  """Sums per-process counters over all processes (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return local
+  return multihost_utils.process_allgather(local).sum(axis=0)
+
+
+# -- steps ----------------------------------------------------------------------------------
+
+def compile_ahead(jitted, *args) -> tuple[jax.stages.Compiled, float]:
+  """(the compiled step, the seconds its compile took)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def evaluate(eval_step, params, val_batches) -> float:
+  """Mean cross-entropy over the validation batches: summed on the devices, fetched once."""
+  sums = [eval_step(params, batch) for batch in val_batches]
+  ce, count = np.sum(jax.device_get(sums), axis=0)
+  return float(ce / max(count, 1))
+
+
+# -- the log ------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class StepLog:
+  """The metrics of dispatched steps, fetched and logged at each log step: the loop's only host sync.
+
+  Holds the steps' metrics (device arrays) until the next flush, times the
+  interval since the last one, applies train.nonfinite before anything is
+  saved, and keeps the history that train() returns.
+  """
+  writer: metrics_lib.MetricWriter
+  train_cfg: ml_collections.ConfigDict  # config.train
+  datasets: list[pipeline.Dataset]
+  tokens_read: Callable[[], np.ndarray]  # per source, all processes: a collective, as is flush
+  tokens_per_step: int
+  flops_per_token: float  # the PaLM convention (metrics.py)
+  causal_flops_per_token: float  # attention's causal half not counted
+  peak: float | None  # FLOP/s per device; None: no MFU
+  pending: list[dict] = dataclasses.field(default_factory=list)
+  history: list[dict] = dataclasses.field(default_factory=list)
+  interval_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def start_interval(self):
+    self.interval_start = time.perf_counter()
+
+  def add(self, step_metrics: dict):
+    self.pending.append(step_metrics)
+    if len(self.pending) > _MAX_STEPS_IN_FLIGHT:
+      # Bound the queue of dispatched steps: a deep queue of collectives can
+      # time out on the CPU backend. The step waited on is long done on a GPU.
+      self.pending[-_MAX_STEPS_IN_FLIGHT - 1]['loss'].block_until_ready()
+
+  def flush(self, step: int):
+    """Fetches the metrics of the steps since the last flush, checks them, logs the last one."""
+    fetched = jax.device_get(self.pending)
+    seconds = time.perf_counter() - self.interval_start
+    self._check_finite(step - len(fetched) + 1, fetched)
+    self.pending.clear()
+    last = {k: float(v) for k, v in fetched[-1].items()}
+    tokens_per_second = self.tokens_per_step * len(fetched) / seconds
+    record = {'loss': last['loss'], 'grad_norm': last['grad_norm'], 'lr': last['lr'],
+              'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched)}
+    line = (f'step {step:>6}/{self.train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
+            f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
+            f'{1e3 * record["step_time"]:.1f} ms/step')
+    if self.peak:
+      for name, flops in (('mfu', self.flops_per_token), ('mfu_causal', self.causal_flops_per_token)):
+        record[name] = metrics_lib.mfu(flops, tokens_per_second, jax.device_count(), self.peak)
+      line += f'  MFU {100 * record["mfu"]:.1f}% (causal {100 * record["mfu_causal"]:.1f}%)'
+    consumed = self.tokens_read()
+    for dataset, count in zip(self.datasets, consumed):
+      record[f'tokens/{dataset.name}'] = int(count)
+    if len(self.datasets) == 1:
+      line += f'  epoch {consumed[0] / self.datasets[0].split("train")["tokens"]:.3f}'
+    else:  # a mixture: tokens and epochs of each source so far
+      line += ''.join(f'  {d.name} {_short(count)} tok ({count / d.split("train")["tokens"]:.3f} ep)'
+                      for d, count in zip(self.datasets, consumed))
+    self.writer.write(step, record, line)
+    self.history.append({'step': step, **record})
+
+  def _check_finite(self, first_step: int, fetched: list[dict]):
+    """train.nonfinite: 'stop' at a non-finite loss; 'skip' warns of each skipped update
+    and stops after train.max_skipped_in_a_row in a row."""
+    for step, m in enumerate(fetched, start=first_step):
       skipped_in_a_row = int(m.get('skipped_in_a_row', 0))
       if np.isfinite(m['loss']) and not skipped_in_a_row:
         continue
-      if train_cfg.nonfinite == 'stop':
-        raise TrainingError(f'loss is {m["loss"]} at step {first + offset}; stopping '
+      if self.train_cfg.nonfinite == 'stop':
+        raise TrainingError(f'loss is {m["loss"]} at step {step}; stopping '
                             '(lower optim.lr or raise optim.warmup_steps, or set '
                             "train.nonfinite='skip')")
-      writer.info(f'warning: step {first + offset}: loss {m["loss"]}, non-finite gradients; '
-                  'the update was skipped')
-      if skipped_in_a_row >= train_cfg.max_skipped_in_a_row:
+      self.writer.info(f'warning: step {step}: loss {m["loss"]}, non-finite gradients; '
+                       'the update was skipped')
+      if skipped_in_a_row >= self.train_cfg.max_skipped_in_a_row:
         raise TrainingError(f'{skipped_in_a_row} updates in a row were skipped at step '
-                            f'{first + offset} (train.max_skipped_in_a_row='
-                            f'{train_cfg.max_skipped_in_a_row}); stopping')
-    pending.clear()
-    last = {k: float(v) for k, v in fetched[-1].items()}
-    tokens_per_second = tokens_per_step * len(fetched) / seconds
-    record = {'loss': last['loss'], 'grad_norm': last['grad_norm'], 'lr': last['lr'],
-              'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched)}
-    line = (f'step {step:>6}/{train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
-            f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
-            f'{1e3 * record["step_time"]:.1f} ms/step')
-    utilisation = metrics_lib.mfu(flops_per_token, tokens_per_second, jax.device_count(), peak)
-    if utilisation is not None:
-      record['mfu'] = utilisation
-      line += f'  MFU {100 * utilisation:.1f}%'
-    consumed = global_counts(source_tokens)
-    for dataset, count in zip(datasets, consumed):
-      record[f'tokens/{dataset.name}'] = int(count)
-    if len(datasets) == 1:
-      line += f'  epoch {consumed[0] / datasets[0].split("train")["tokens"]:.3f}'
-    else:  # a mixture: tokens and epochs of each source so far
-      line += ''.join(f'  {d.name} {_short(count)} tok ({count / d.split("train")["tokens"]:.3f} ep)'
-                      for d, count in zip(datasets, consumed))
-    writer.write(step, record, line)
-    history.append({'step': step, **record})
+                            f'{step} (train.max_skipped_in_a_row='
+                            f'{self.train_cfg.max_skipped_in_a_row}); stopping')
 
-  def evaluate(step: int):
-    sums = [eval_step(state.params, place_batch({k: x[val_first:val_end] for k, x in b.items()},
-                                                batch_sharding, train_cfg.micro_batch_size))
-            for b in val_batches]
-    ce, count = np.sum(jax.device_get(sums), axis=0)
-    val_loss = float(ce / max(count, 1))
-    writer.write(step, {'val_loss': val_loss}, f'step {step:>6}/{train_cfg.steps}  val_loss {val_loss:.4f}')
-    history.append({'step': step, 'val_loss': val_loss})
+  def validation(self, step: int, val_loss: float):
+    self.writer.write(step, {'val_loss': val_loss},
+                      f'step {step:>6}/{self.train_cfg.steps}  val_loss {val_loss:.4f}')
+    self.history.append({'step': step, 'val_loss': val_loss})
 
-  # -- loop --------------------------------------------------------------------------
-  interval_start = time.perf_counter()
-  with preemption.StopSignal() as stop_signal:
-    try:
-      for step in range(start + 1, train_cfg.steps + 1):
-        local_rows = next(data_iterator)
-        source_tokens += local_rows.pop('source_tokens') * counts_tokens
-        batch = place_batch(local_rows, batch_sharding, global_batch)
-        with jax.transfer_guard(train_cfg.transfer_guard):
-          state, step_metrics = compiled(state, batch)
-        pending.append(step_metrics)
-        if len(pending) > _MAX_STEPS_IN_FLIGHT:
-          # Bound the queue of dispatched steps: a deep queue of collectives can
-          # time out on the CPU backend. The step waited on is long done on a GPU.
-          pending[-_MAX_STEPS_IN_FLIGHT - 1]['loss'].block_until_ready()
-        is_last = step == train_cfg.steps
-        at_log_step = is_last or step % train_cfg.log_interval == 0
-        stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)
-        saving = stopping or checkpointer.should_save(step, train_cfg.steps)
-        flushing = saving or at_log_step
-        if flushing:
-          flush(step)  # before any save: never save a non-finite state
-        if train_cfg.eval_steps and (is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)):
-          evaluate(step)
-        if saving:
-          checkpointer.save(step, state, config_json, data_iterator.get_state(),
-                            {'source_tokens': global_counts(source_tokens).tolist()})
-        if stopping:
-          writer.info(f'{stop_signal.received or "a stop signal"} received: saved step {step} of '
-                      f'{train_cfg.steps}; run the same command again to resume')
-          break
-        if flushing:
-          interval_start = time.perf_counter()  # eval and save time are not step time
-    finally:
-      checkpointer.close()  # waits for the last save to be on disk
-      writer.close()
-  return history
 
+def _short(count: int) -> str:
+  for unit, size in (('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if count >= size:
+      return f'{count / size:.1f}{unit}'
+  return str(int(count))
+
+
+# -- entry point ----------------------------------------------------------------------------
 
 def main(argv):
   if len(argv) > 1:

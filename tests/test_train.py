@@ -9,6 +9,7 @@ from configs import tiny
 from maxlite.config import ConfigError
 from maxlite.data import embedded
 from maxlite.data.pipeline import DataError
+from maxlite.metrics import flops_per_token
 from maxlite.train import TrainingError, train
 
 
@@ -20,11 +21,13 @@ def tiny_config(run_dir, **train_overrides):
   return config
 
 
-def test_tiny_loss_falls_and_a_finished_run_is_left_alone(tmp_path):
+def test_tiny_loss_falls_and_a_finished_run_is_left_alone(tmp_path, capsys):
   run_dir = tmp_path / 'run'
   config = tiny_config(run_dir, steps=60, log_interval=5, eval_interval=0, eval_steps=2,
                        micro_batch_size=16)
   history = train(config)
+  out = capsys.readouterr().out
+  assert 'compiled the train step in' in out and 'compiled the eval step in' in out  # both ahead of time
   losses = [h['loss'] for h in history if 'loss' in h]
   # Single steps are noisy: compare the first two logged losses with the last three.
   assert sum(losses[:2]) / 2 - sum(losses[-3:]) / 3 > 0.7, losses
@@ -99,9 +102,14 @@ def test_a_weighted_mixture_trains_and_logs_tokens_per_source(tmp_path):
     shutil.copytree(prepared, tmp_path / name)
   config = tiny_config(tmp_path / 'run', steps=4, log_interval=2, eval_steps=1)
   config.data.source = f'{tmp_path / "code"}:0.75,{tmp_path / "more_code"}:0.25'
+  config.logging.peak_flops_per_device = 1e12  # a peak, so that MFU is logged on CPU too
   history = train(config)
   logged = [h for h in history if 'loss' in h]
   assert [h['step'] for h in logged] == [2, 4]
+  # Both conventions, in the ratio of their FLOPs per token.
+  flops, causal = (flops_per_token(config.model, config.data.seq_len, causal=c) for c in (False, True))
+  assert logged[-1]['mfu'] / logged[-1]['mfu_causal'] == pytest.approx(flops / causal)
+  assert logged[-1]['mfu'] == pytest.approx(flops * logged[-1]['tokens_per_second'] / (8 * 1e12))
   # Concat packing leaves no padding: every token of every row is counted once.
   assert logged[-1]['tokens/code'] + logged[-1]['tokens/more_code'] == 4 * 8 * 128
   assert any('val_loss' in h for h in history)

@@ -28,15 +28,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
-
 from maxlite.model import layers, parallel, pipeline
 from maxlite.model.attention import attention
-
-REMAT_POLICIES = {
-    'full': jax.checkpoint_policies.nothing_saveable,
-    # Keep weight-matmul outputs (named by layers.Dense), recompute the cheap elementwise work.
-    'save_matmuls': jax.checkpoint_policies.save_only_these_names('qkv', 'mlp_in', 'block_out'),
-}
+from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
 CACHE = P('layers', 'batch', 'length', 'kv_heads', 'head_dim')
 
