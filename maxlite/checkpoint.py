@@ -50,16 +50,28 @@ def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _as_saved(target, saved_shapes):
-  """The restore target in the shapes the checkpoint holds.
+def _as_saved(target, metadata):
+  """The restore target in the shapes the checkpoint holds (its Orbax metadata).
 
   Only the vocabulary's padding (maxlite.config.padded_vocab_size) changes
   shapes between meshes; such an array is read whole in its saved shape,
   replicated wherever its saved size does not divide, and then padded with
-  zeros or cut by `_to_target`.
+  zeros or cut by `_to_target`. The metadata tree spells containers its own
+  way (dicts and lists for the optimizer's named tuples), so arrays are
+  matched by their key paths.
   """
-  def saved(x, shape):
-    shape = tuple(shape)
+  def name(entry):
+    for attribute in ('key', 'name', 'idx'):
+      if hasattr(entry, attribute):
+        return str(getattr(entry, attribute))
+    return str(entry)
+
+  saved_shapes = {tuple(map(name, path)): tuple(m.shape) for path, m in
+                  jax.tree_util.tree_flatten_with_path(metadata, is_leaf=lambda m: hasattr(m, 'shape'))[0]
+                  if hasattr(m, 'shape')}
+
+  def saved(path, x):
+    shape = saved_shapes.get(tuple(map(name, path)), tuple(x.shape))
     if shape == tuple(x.shape) or len(shape) != len(x.shape):
       return x
     sharding = x.sharding
@@ -68,7 +80,7 @@ def _as_saved(target, saved_shapes):
               for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * len(shape))]
       sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
     return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
-  return jax.tree.map(saved, target, saved_shapes)
+  return jax.tree_util.tree_map_with_path(saved, target)
 
 
 def _split(mesh, axes) -> int:
@@ -86,12 +98,6 @@ def _to_target(restored, target):
       return jnp.pad(x, [(0, b - a) for a, b in zip(x.shape, want.shape)])
     return jax.jit(resize, out_shardings=want.sharding)(x)
   return jax.tree.map(fit, restored, target)
-
-
-def _saved_shapes(metadata, target):
-  """The shapes of a checkpoint's arrays, as a tree matching `target`."""
-  return jax.tree.map(lambda x, m: tuple(getattr(m, 'shape', x.shape)), target, metadata,
-                      is_leaf=lambda m: hasattr(m, 'shape'))
 
 
 class Checkpointer:
@@ -132,7 +138,7 @@ class Checkpointer:
   def restore(self, step: int, state, shardings):
     """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
     target = _abstract(state, shardings)
-    saved = _as_saved(target, _saved_shapes(self.manager.item_metadata(step)['state'], target))
+    saved = _as_saved(target, self.manager.item_metadata(step)['state'])
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(saved)))
     return _to_target(restored.state, target)
@@ -227,8 +233,7 @@ def load_params(run_dir, step: int, abstract_params, shardings):
   with ocp.PyTreeCheckpointer() as checkpointer:
     metadata = checkpointer.metadata(folder / 'state')
     metadata = getattr(metadata, 'item_metadata', metadata) or metadata
-    saved = {'params': _as_saved(target['params'],
-                                 _saved_shapes(metadata['params'], target['params']))}
+    saved = {'params': _as_saved(target['params'], metadata['params'])}
     restored = checkpointer.restore(folder / 'state', args=ocp.args.PyTreeRestore(
         item=saved, restore_args=ocp.checkpoint_utils.construct_restore_args(saved),
         partial_restore=True))
