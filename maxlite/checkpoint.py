@@ -15,9 +15,13 @@ latest. A step that is complete on disk but unreadable (truncated or deleted
 files) is moved aside to <run_dir>/unreadable_checkpoints/ and the step before
 it is used.
 """
+import contextlib
 import json
+import logging
 import pathlib
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -100,9 +104,19 @@ def _to_target(restored, target):
   return jax.tree.map(fit, restored, target)
 
 
+class CheckpointError(RuntimeError):
+  """A save that failed (no space, no permission) or a checkpoint that does not fit
+  this run; the entry point prints it as one line."""
+
+
 class Checkpointer:
   """Saves every `interval` steps and at the end; keeps the newest `max_to_keep`
-  plus, permanently, every step that is a multiple of `keep_every` (0: none)."""
+  plus, permanently, every step that is a multiple of `keep_every` (0: none).
+
+  A failed save (the disk full, say) raises CheckpointError naming the step and
+  the folder; Orbax writes a step into a temporary folder and renames it into
+  place only when complete, so the steps saved before stay intact.
+  """
 
   def __init__(self, run_dir: pathlib.Path, interval: int, max_to_keep: int, keep_every: int = 0,
                async_save: bool = True):
@@ -115,6 +129,9 @@ class Checkpointer:
         create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         preservation_policy=policies.AnyPreservationPolicy(keep))
     self.manager = ocp.CheckpointManager(checkpoint_dir(run_dir), options=options)
+    self.saving = None  # the step whose asynchronous save may still be under way
+    self._stderr = sys.stderr
+    sys.stderr = _WithoutClosedLoopTracebacks(sys.stderr)
 
   def steps(self) -> list[int]:
     """Complete steps on disk, oldest first."""
@@ -125,15 +142,33 @@ class Checkpointer:
 
   def save(self, step: int, state, config_json: str, data_state: dict, data_progress: dict):
     """Starts an asynchronous save; returns once the arrays are copied off the devices."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(_FrozenState(json.dumps(data_state).encode())),
-        data_progress=ocp.args.JsonSave(data_progress),
-        config=ocp.args.JsonSave(json.loads(config_json))), force=True)
+    with self._failure_named(self.saving):  # the previous save's background error, if any
+      self.manager.check_for_errors()
+    with self._failure_named(step):
+      self.saving = step
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(_FrozenState(json.dumps(data_state).encode())),
+          data_progress=ocp.args.JsonSave(data_progress),
+          config=ocp.args.JsonSave(json.loads(config_json))), force=True)
 
   def wait(self):
     """Blocks until the last save is on disk."""
-    self.manager.wait_until_finished()
+    with self._failure_named(self.saving):
+      self.manager.wait_until_finished()
+
+  @contextlib.contextmanager
+  def _failure_named(self, step):
+    try:
+      yield
+    except Exception as error:  # OSError from Python, ValueError/RuntimeError from TensorStore
+      logging.error('saving checkpoint %s failed', step, exc_info=True)
+      kept = self.steps()
+      raise CheckpointError(
+          f'saving checkpoint {step} into {checkpoint_dir(self.run_dir)} failed '
+          f'({type(error).__name__}: {_first_line(error)}); '
+          + (f'steps {kept} are intact' if kept else 'no earlier checkpoint')
+          + ' (details in the run directory\'s maxlite.log)') from None
 
   def restore(self, step: int, state, shardings):
     """Restores onto `shardings`, whatever mesh wrote the checkpoint."""
@@ -153,6 +188,7 @@ class Checkpointer:
       try:
         return step, self.restore(step, state, shardings)
       except Exception as error:  # Orbax and TensorStore raise many types for damaged files
+        logging.warning('checkpoint %s is unreadable', step, exc_info=True)
         aside = self._move_aside(step)
         warn(f'warning: checkpoint {step} is unreadable ({type(error).__name__}: '
              f'{_first_line(error)}); moved it to {aside} and trying the one before')
@@ -190,9 +226,64 @@ class Checkpointer:
         merged['shards'].update(state['shards'])
     return merged, restored.data_progress
 
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+  def close(self, report_failure: bool = True):
+    """Waits for the last save to be on disk; raises CheckpointError if it failed,
+    unless report_failure=False (another error is already on its way)."""
+    try:
+      self.wait()
+      failed = False
+    except CheckpointError:
+      failed = True
+      if report_failure:
+        raise
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # a failed save is reported by wait(); do not mask that report
+        logging.error('closing the checkpoint manager failed', exc_info=True)
+    if not failed:  # after a failure, TensorStore may still call back into the closed loop
+      sys.stderr = self._stderr
+
+
+class _WithoutClosedLoopTracebacks:
+  """sys.stderr, less the tracebacks of 'Event loop is closed' from other threads.
+
+  When a write fails (a full disk), Orbax's event loop ends while TensorStore
+  still completes the save's other writes; each completion then calls into
+  the closed loop and TensorStore prints the error from its own thread, once
+  per array. The failure itself is reported once, by Checkpointer.save or
+  close, so these go to the log instead of the console.
+  """
+
+  def __init__(self, stream):
+    self.stream = stream
+    self.pending = {}  # thread id -> the lines of a traceback being printed
+
+  def write(self, text: str):
+    if threading.current_thread() is threading.main_thread():
+      return self.stream.write(text)
+    lines = self.pending.setdefault(threading.get_ident(), [''])
+    lines[-1] += text
+    *complete, lines[-1] = lines[-1].split('\n')
+    for line in complete:
+      self._line(line, lines)
+    return len(text)
+
+  def _line(self, line: str, lines: list):
+    held = lines[:-1]
+    if not held and not line.startswith('Traceback (most recent call last):'):
+      self.stream.write(line + '\n')
+    elif not held or line.startswith(' '):
+      lines.insert(-1, line)
+    else:  # the exception line ends the traceback
+      del lines[:-1]
+      if line == 'RuntimeError: Event loop is closed':
+        logging.debug('a write completed after its event loop closed:\n%s', '\n'.join(held + [line]))
+      else:
+        self.stream.write('\n'.join(held + [line]) + '\n')
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
 
 
 def _first_line(error: BaseException) -> str:

@@ -197,6 +197,33 @@ def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
           'pipeline_repeats': parallel.pipeline_repeats}
 
 
+# What a checkpoint's arrays depend on beyond the mesh: a run resumes only with
+# these unchanged (the mesh, steps, schedule, data and dtypes may change).
+RESUME_FIELDS = ('model.vocab_size', 'model.hidden_size', 'model.num_layers', 'model.num_heads',
+                 'model.num_kv_heads', 'model.intermediate_size', 'model.tie_embeddings',
+                 'model.rope_theta', 'model.norm_eps', 'train.nonfinite')
+
+
+def resume_conflicts(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  """'field=new (the checkpoint has old)' for each field that a checkpoint
+  written with `saved` cannot resume under `config`."""
+  def get(cfg, dotted):
+    group, name = dotted.split('.')
+    return cfg[group].get(name) if group in cfg else None
+
+  conflicts = [f'{field}={get(config, field)!r} (the checkpoint has {get(saved, field)!r})'
+               for field in RESUME_FIELDS
+               if get(saved, field) is not None and get(saved, field) != get(config, field)]
+  if 'model' in saved and head_dim(saved.model) != head_dim(config.model):
+    conflicts.append(f'model.head_dim={config.model.head_dim} (the checkpoint has {saved.model.head_dim}, '
+                     f'i.e. {head_dim(saved.model)})')
+  if 'optim' in saved and (saved.optim.get('grad_clip', 0) > 0) != (config.optim.grad_clip > 0):
+    # Clipping adds a stage to the optimizer, and so to its state.
+    conflicts.append(f'optim.grad_clip={config.optim.grad_clip} (the checkpoint has '
+                     f'{saved.optim.grad_clip}: clipping on or off changes the optimizer state)')
+  return conflicts
+
+
 def padded_vocab_size(vocab_size: int, tensor: int) -> int:
   """The embedding's row count: vocab_size rounded up to a multiple of 128 x tensor.
 

@@ -13,6 +13,7 @@ are logged when the peak is known; they differ by the attention term's share
 of the FLOPs, which grows with seq / hidden_size.
 """
 import json
+import logging
 import pathlib
 import sys
 
@@ -80,12 +81,23 @@ def _tensorboard_writer(log_dir: pathlib.Path):
 
 
 class MetricWriter:
-  """Writes scalars from process 0 only: a line on stdout, a JSONL record, TensorBoard."""
+  """Writes scalars from process 0 only: a line on stdout, a JSONL record, TensorBoard.
+
+  While it is open, the libraries' own logging (Orbax's warnings and
+  tracebacks about a damaged or failed checkpoint, say) goes to
+  <run_dir>/maxlite.log (maxlite.<process>.log on other processes) instead of
+  the console, where maxlite prints one line per event.
+  """
 
   def __init__(self, run_dir: pathlib.Path, tensorboard: bool):
     self.active = jax.process_index() == 0
     self.jsonl = None
     self.tensorboard = None
+    name = 'maxlite.log' if self.active else f'maxlite.{jax.process_index()}.log'
+    self.library_log = logging.FileHandler(run_dir / name)
+    self.library_log.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    logging.getLogger().addHandler(self.library_log)
+    self.quieted = _quiet_console()
     if self.active:
       self.jsonl = open(run_dir / 'metrics.jsonl', 'a')
       if tensorboard:
@@ -110,3 +122,17 @@ class MetricWriter:
       self.jsonl.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
+    logging.getLogger().removeHandler(self.library_log)
+    self.library_log.close()
+    for handler, level in self.quieted:
+      handler.setLevel(level)
+
+
+def _quiet_console() -> list:
+  """Raises absl's console handler (installed by app.run) above ERROR; returns how to undo it."""
+  quieted = []
+  for handler in logging.getLogger().handlers:
+    if type(handler).__name__ == 'ABSLHandler':
+      quieted.append((handler, handler.level))
+      handler.setLevel(logging.CRITICAL)
+  return quieted

@@ -142,13 +142,22 @@ def gradients(params, graphdef, batch, settings: StepSettings, layout: Layout):
   return jax.tree.map(lambda g: g / count, grad_sums), ce_sum / count, count
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point entry of a pytree is finite."""
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)] or [True]))
+
+
 def train_step(state: TrainState, batch, *, graphdef, tx, schedule, settings: StepSettings,
                layout: Layout):
   grads, loss, count = gradients(state.params, graphdef, batch, settings, layout)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-             'lr': schedule(state.step), 'tokens': count}
+             'lr': schedule(state.step), 'tokens': count,
+             # The loss is computed before the update; this looks at what the
+             # update left behind, which is what a checkpoint would hold.
+             'state_finite': all_finite((params, opt_state))}
   if isinstance(opt_state, optax.ApplyIfFiniteState):  # train.nonfinite='skip'
     metrics['skipped_in_a_row'] = opt_state.notfinite_count
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -8,7 +8,9 @@ follow the same order.
 """
 import dataclasses
 import json
+import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -26,6 +28,7 @@ from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
 from maxlite import distributed, hf, optim, preemption, state as state_lib, step as step_lib
+from maxlite import checkpoint as checkpoint_lib
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.attention import resolve_backend
@@ -67,8 +70,9 @@ def train(config) -> list[dict]:
 
   # -- run directory -----------------------------------------------------------
   run_dir = pathlib.Path(train_cfg.run_dir)
-  if prepare_run_dir(run_dir, train_cfg.fresh_start):
+  if prepare_run_dir(run_dir, config):
     check_run_tokenizer(run_dir, tokenizer)
+    check_resumable(run_dir, config)
   distributed.barrier('maxlite_run_dir_checked')  # before process 0 writes to it
   run_dir.mkdir(parents=True, exist_ok=True)
   writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
@@ -124,6 +128,7 @@ def train(config) -> list[dict]:
       writer.info(f'{run_dir} is already complete at step {start} of {train_cfg.steps}; pass '
                   '--config.train.fresh_start=True or another --config.train.run_dir to train again')
       checkpointer.close()
+      writer.close()
       return []
     batches = open_loader(data_plan, datasets, start, checkpointer, writer.info)
 
@@ -170,8 +175,12 @@ def train(config) -> list[dict]:
             break
           if saving or at_log_step:
             log.start_interval()  # eval and save time are not step time
-      finally:
+      except BaseException:
+        checkpointer.close(report_failure=False)  # the error already raised is the one to report
+        raise
+      else:
         checkpointer.close()  # waits for the last save to be on disk
+      finally:
         writer.close()
     return log.history
 
@@ -193,29 +202,75 @@ def open_data(data, model_vocab_size: int):
   return datasets, tokenizer
 
 
-def prepare_run_dir(run_dir: pathlib.Path, fresh_start: bool):
+# What maxlite writes into a run directory before its first checkpoint.
+_RUN_DIR_ENTRIES = ('config.json', 'metrics.jsonl', 'tokenizer', 'tensorboard', 'checkpoints',
+                    'maxlite.log')
+
+
+def prepare_run_dir(run_dir: pathlib.Path, config) -> bool:
   """Resume what is there, or move it aside when asked; never overwrite it.
 
-  Returns whether there is a checkpoint to resume. Every process looks before
-  any of them changes the directory, so they all decide alike.
+  Returns whether there is a checkpoint to resume. A run that stopped before
+  its first checkpoint restarts under the same config: what it wrote is only
+  its own bookkeeping, and its old metrics are moved aside, not deleted. Every
+  process looks before any of them changes the directory, so they all decide
+  alike.
   """
   checkpoints = run_dir / 'checkpoints'
   # Orbax names a complete step by its number; an interrupted save has a suffix.
   has_checkpoint = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
   occupied = run_dir.exists() and any(run_dir.iterdir())
+  restartable = occupied and not has_checkpoint and _started_with(run_dir, config)
   distributed.barrier('maxlite_run_dir_inspected')
+  stamp = time.strftime('%Y%m%d-%H%M%S')
   if not occupied:
     return False
-  if fresh_start:
-    aside = run_dir.with_name(f'{run_dir.name}.old-{time.strftime("%Y%m%d-%H%M%S")}')
+  if config.train.fresh_start:
+    aside = run_dir.with_name(f'{run_dir.name}.old-{stamp}')
     if jax.process_index() == 0:
       shutil.move(run_dir, aside)
     print(f'train.fresh_start: moved the existing {run_dir} to {aside}', flush=True)
+    return False
+  if restartable:
+    moved = [name for name in ('metrics.jsonl', 'tensorboard') if (run_dir / name).exists()]
+    if jax.process_index() == 0:
+      for name in moved:
+        shutil.move(run_dir / name, run_dir / f'{name}.old-{stamp}')
+    print(f'{run_dir} stopped before its first checkpoint; starting it again'
+          + (f' (its {" and ".join(moved)} moved to *.old-{stamp})' if moved else ''), flush=True)
     return False
   if not has_checkpoint:
     raise TrainingError(f'train.run_dir={run_dir} exists but holds no checkpoint to resume; '
                         'pass --config.train.fresh_start=True to move it aside, or pick another run_dir')
   return True
+
+
+def _started_with(run_dir: pathlib.Path, config) -> bool:
+  """Whether run_dir holds only what maxlite writes before a first checkpoint, for this config."""
+  # Earlier restarts' leftovers (name.old-<time>) and other processes' logs count as maxlite's.
+  names = {re.sub(r'^maxlite\.\d+\.log$', 'maxlite.log', p.name.split('.old-')[0])
+           for p in run_dir.iterdir()}
+  if not names <= set(_RUN_DIR_ENTRIES) or not (run_dir / 'config.json').is_file():
+    return False
+  try:
+    return json.loads((run_dir / 'config.json').read_text()) == json.loads(config.to_json_best_effort())
+  except (OSError, json.JSONDecodeError):
+    return False
+
+
+def check_resumable(run_dir: pathlib.Path, config):
+  """A resume under another model or optimizer structure is a config error, not damage:
+  the run directory is left exactly as it is."""
+  try:
+    step, saved = checkpoint_lib.read_config(run_dir)
+  except (FileNotFoundError, ValueError):  # no readable config: restore_latest judges the step
+    return
+  conflicts = config_lib.resume_conflicts(saved, config)
+  if conflicts:
+    raise config_lib.ConfigError(
+        f'{run_dir} holds checkpoint {step} of another model or optimizer: {"; ".join(conflicts)}; '
+        'resume with the values it was trained with, or pass --config.train.fresh_start=True '
+        'to move the run aside, or pick another train.run_dir')
 
 
 def check_run_tokenizer(run_dir: pathlib.Path, tokenizer):
@@ -411,7 +466,7 @@ class StepLog:
     seconds = time.perf_counter() - self.interval_start
     self._check_finite(step - len(fetched) + 1, fetched)
     self.pending.clear()
-    last = {k: float(v) for k, v in fetched[-1].items()}
+    last = {k: float(v) for k, v in fetched[-1].items() if k != 'state_finite'}
     tokens_per_second = self.tokens_per_step * len(fetched) / seconds
     record = {'loss': last['loss'], 'grad_norm': last['grad_norm'], 'lr': last['lr'],
               'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched)}
@@ -434,10 +489,17 @@ class StepLog:
     self.history.append({'step': step, **record})
 
   def _check_finite(self, first_step: int, fetched: list[dict]):
-    """train.nonfinite: 'stop' at a non-finite loss; 'skip' warns of each skipped update
-    and stops after train.max_skipped_in_a_row in a row."""
+    """train.nonfinite: 'stop' at a non-finite loss or update; 'skip' warns of each
+    skipped update and stops after train.max_skipped_in_a_row in a row. Either
+    way a step whose update left the parameters or optimizer state non-finite
+    stops the run before anything is saved."""
     for step, m in enumerate(fetched, start=first_step):
       skipped_in_a_row = int(m.get('skipped_in_a_row', 0))
+      if not m['state_finite'] and (np.isfinite(m['loss']) or self.train_cfg.nonfinite == 'skip'):
+        raise TrainingError(f'the update of step {step} (loss {m["loss"]:.4g}, grad_norm '
+                            f'{m["grad_norm"]:.4g}) left the parameters or optimizer state '
+                            'non-finite; stopping before anything is saved (lower optim.lr or '
+                            'raise optim.warmup_steps; the last checkpoint is unaffected)')
       if np.isfinite(m['loss']) and not skipped_in_a_row:
         continue
       if self.train_cfg.nonfinite == 'stop':
@@ -478,6 +540,13 @@ def main(argv):
           distributed.DistributedError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
+  except checkpoint_lib.CheckpointError as error:
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    # A failed write can leave TensorStore's I/O threads with callbacks for an
+    # event loop that is gone; at interpreter exit each would print a
+    # traceback. The failure is reported and every file is closed: leave now.
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def parse_flags(argv):

@@ -96,8 +96,8 @@ def run_cli(run_dir, *overrides, devices: int = 8, **popen):
   command = [sys.executable, '-m', 'maxlite.train', '--config=configs/tiny.py',
              f'--config.train.run_dir={run_dir}', '--config.train.eval_steps=0',
              '--config.train.log_interval=1', '--config.optim.warmup_steps=1', *overrides]
-  return subprocess.Popen(command, cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, **popen)
+  return subprocess.Popen(command, **{'cwd': REPO_ROOT, 'env': env, 'text': True,
+                                      'stdout': subprocess.PIPE, 'stderr': subprocess.STDOUT, **popen})
 
 
 def test_a_checkpoint_from_fsdp8_resumes_on_one_device(straight_run):

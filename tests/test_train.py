@@ -62,7 +62,8 @@ def test_existing_run_dir_is_never_overwritten(tmp_path):
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path):
   config = tiny_config(tmp_path / 'run', steps=6, log_interval=3, eval_steps=0)
   config.optim.lr, config.optim.warmup_steps, config.optim.grad_clip = 1e30, 0, 0.0
-  with pytest.raises(TrainingError, match=r'loss is (nan|inf) at step [23]\b'):
+  # The update of step 2 already has non-finite gradients, before any loss overflows.
+  with pytest.raises(TrainingError, match=r'loss is (nan|inf) at step [23]\b|the update of step [12] '):
     train(config)
   assert not (tmp_path / 'run' / 'checkpoints' / '3').exists()
 
