@@ -38,6 +38,11 @@ def documents_of(lengths, first_doc=0):
   return {(first_doc + i + 1) * 1000 + j for i, n in enumerate(lengths) for j in range(1, n)}
 
 
+def follows(token, target):
+  """Whether `target` is the token after `token` in a document of write_dataset."""
+  return target == token + 1 if token != BOS else target % 1000 == 1
+
+
 def check_rows(batch, seq_len):
   """Segment ids, positions, targets and loss mask agree with the tokens of each row."""
   inputs, seg, pos, targets, mask = (batch[k] for k in ('inputs', 'segment_ids', 'positions', 'targets', 'loss_mask'))
@@ -56,34 +61,77 @@ def check_rows(batch, seq_len):
         # Within a segment the tokens are consecutive positions of one document.
         if inputs[r, t] != BOS:
           assert inputs[r, t] == inputs[r, t - 1] + 1 or inputs[r, t - 1] == BOS
-      same_next = t + 1 < seq_len and seg[r, t + 1] == seg[r, t]
-      assert mask[r, t] == int(same_next)
-      if same_next:
-        assert targets[r, t] == inputs[r, t + 1]
+      if t + 1 < seq_len:  # a segment that ends inside the row is a document's end: no target
+        same_next = seg[r, t + 1] == seg[r, t]
+        assert mask[r, t] == int(same_next)
+        if same_next:
+          assert targets[r, t] == inputs[r, t + 1]
+      elif mask[r, t]:  # the row's last token, trained on the next row's first when its document runs on
+        assert follows(inputs[r, t], targets[r, t]) or (inputs[r, t] == BOS and pos[r, t] == 0)
 
 
 def real_tokens(batch):
   return batch['inputs'][batch['segment_ids'] > 0]
 
 
-@pytest.mark.parametrize('packing', ['concat', 'first_fit'])
-def test_packing_keeps_every_token_exactly_once(tmp_path, packing):
-  lengths = random_lengths(80, seed=1, high=90)  # some longer than a row
-  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', lengths)), None)])
-  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, packing=packing, shuffle=False)
+def packed_rows(folder, lengths, **settings):
+  """One unshuffled epoch of `lengths` documents packed into rows of 32, each as a batch of one."""
+  ds, _ = pipeline.open_datasets([(str(write_dataset(folder, lengths)), None)])
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, shuffle=False, **settings)
   documents = pipeline.process_documents(ds[0], 0, settings).to_iter_dataset()
   packed = pipeline.pack_documents(documents, ds, settings)
-  rows = [pipeline.model_batch({k: v[None] for k, v in row.items()}, 1) for row in packed]
-  seen = collections.Counter(int(t) for row in rows for t in real_tokens(row) if t != BOS)
-  assert set(seen) == documents_of(lengths) and max(seen.values()) == 1
-  assert sum(int((row['inputs'] == BOS).sum()) for row in rows) == len(lengths)
+  return [pipeline.model_batch({k: v[None] for k, v in row.items()}, 1) for row in packed]
+
+
+@pytest.mark.parametrize('packing,bos_aligned', [('concat', False), ('concat', True), ('first_fit', False)])
+def test_packing_trains_every_token_exactly_once(tmp_path, packing, bos_aligned):
+  """What holds for one epoch of documents, whichever packing cuts them:
+
+  - every token except the first of each document (BOS here) is a target
+    exactly once, predicted from the token before it in its document; no
+    other target is trained;
+  - every token is an input exactly once, except that bos_aligned puts BOS in
+    the input slot of each token at a cut (that token is still a target, of
+    the previous row's last token).
+  """
+  lengths = random_lengths(80, seed=1, high=90)  # some longer than a row
+  rows = packed_rows(tmp_path / 'd', lengths, packing=packing, bos_aligned=bos_aligned)
   for row in rows:
     check_rows(row, 32)
+  trained = [(int(i), int(t)) for row in rows
+             for i, t in zip(row['inputs'][row['loss_mask'] > 0], row['targets'][row['loss_mask'] > 0])]
+  targets = collections.Counter(t for _, t in trained)
+  assert set(targets) == documents_of(lengths) and max(targets.values()) == 1
+  assert len(trained) == sum(lengths) - len(lengths)
+  # A row whose last token is trained ends inside a document: its last target begins the next row.
+  at_cuts = {int(row['targets'][0, -1]) for row in rows if row['loss_mask'][0, -1]}
+  assert len(at_cuts) > 5
+  cut = at_cuts if bos_aligned else set()  # tokens whose input slot holds BOS
+  assert all(follows(i, t) or (i == BOS and t - 1 in cut) for i, t in trained)
+  inputs = collections.Counter(int(t) for row in rows for t in real_tokens(row) if t != BOS)
+  assert set(inputs) == documents_of(lengths) - cut and max(inputs.values()) == 1
+  assert sum(int((row['inputs'] == BOS).sum()) for row in rows) == len(lengths) + len(cut)
   fill = sum(len(real_tokens(r)) for r in rows) / (32 * len(rows))
   if packing == 'concat':  # only the last row may be partly padding
     assert all(len(real_tokens(r)) == 32 for r in rows[:-1])
   else:
     assert fill > 0.8, fill
+
+
+@pytest.mark.parametrize('packing', ['concat', 'first_fit'])
+def test_a_row_cut_inside_a_document_trains_its_last_token_on_the_next_rows_first(tmp_path, packing):
+  # Concat rows overlap by one token: where a document runs on into the next
+  # row, the last target of a row is the first input of the next. First-fit
+  # cuts only documents longer than a row, and each piece's last target is the
+  # first input of the next piece, wherever in its row that piece lies.
+  lengths = random_lengths(40, seed=11, high=120)
+  rows = packed_rows(tmp_path / 'd', lengths, packing=packing)
+  ends = [(i, int(row['targets'][0, -1])) for i, row in enumerate(rows) if row['loss_mask'][0, -1]]
+  piece_starts = [(i, int(x)) for i, row in enumerate(rows)  # pieces that begin mid-document
+                  for x in row['inputs'][(row['positions'] == 0) & (row['segment_ids'] > 0) & (row['inputs'] != BOS)]]
+  assert len(ends) > 5 and sorted(t for _, t in ends) == sorted(x for _, x in piece_starts)
+  if packing == 'concat':
+    assert [(i + 1, target) for i, target in ends] == piece_starts
 
 
 def test_bos_aligned_starts_every_piece_with_bos(tmp_path):

@@ -17,6 +17,13 @@ Packing keeps documents apart: `segment_ids` number the documents of a row
 (0 is padding) and `positions` restart at each document, so attention masks by
 segment and RoPE sees each document from position 0. A target is trained on
 only if it continues the same document (`loss_mask`).
+
+Each token's target is attached to it before packing (`_Decode`), so a target
+travels with its token through every cut: the last token of a row is trained
+on the first token of the next row when the document runs on. Every token of
+the stream is therefore a target exactly once, except the first token of each
+document, which has no predecessor (with `bos_aligned`, the token at a cut is
+still a target, but its input slot holds BOS).
 """
 import dataclasses
 import pathlib
@@ -118,19 +125,35 @@ def document_rates(datasets: list[Dataset], mixing: str) -> list[float]:
   return list(rates / rates.sum())
 
 
+NO_TARGET = -1  # the target of a document's last token: nothing of its own document follows
+
+
 class _Decode(grain.transforms.Map):
-  """Record bytes -> token ids, with the source's index per token (for per-source counts)."""
+  """Record bytes -> token ids, each token's target, and the source's index per token.
+
+  The target (the next token of the same document) is a feature of its own, so
+  the packers cut it at the same places as the tokens: a row's last token keeps
+  the target that lies in the next row. Computing targets after packing, from
+  the row alone, would leave the last token of every row untrained.
+  """
 
   def __init__(self, dtype: str, source_index: int):
     self.dtype, self.source_index = dtype, source_index
 
   def map(self, record: bytes) -> dict:
     tokens = shards.decode_record(record, self.dtype)
-    return {'tokens': tokens, 'source': np.full(len(tokens), self.source_index, np.int32)}
+    targets = np.full_like(tokens, NO_TARGET)
+    targets[:-1] = tokens[1:]
+    return {'tokens': tokens, 'targets': targets,
+            'source': np.full(len(tokens), self.source_index, np.int32)}
 
 
 class _SplitLongDocuments(grain_exp.FlatMapTransform):
-  """First-fit packing needs every piece to fit in a row: cut documents into seq_len pieces."""
+  """First-fit packing needs every piece to fit in a row: cut documents into seq_len pieces.
+
+  Every feature is cut alike, so a piece's last token keeps its target, the
+  first token of the next piece: cutting loses no training target.
+  """
 
   def __init__(self, seq_len: int, max_document_tokens: int):
     self.seq_len = seq_len
@@ -155,12 +178,9 @@ class _ToModelBatch(grain.transforms.Map):
 def model_batch(packed: dict, num_sources: int) -> dict:
   tokens = packed['tokens']
   segment_ids = packed['tokens_segment_ids']
-  # The last token of each document has no target in its own document.
-  same_document = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
-  targets = np.zeros_like(tokens)
-  targets[:, :-1] = tokens[:, 1:]
-  loss_mask = np.zeros_like(tokens)
-  loss_mask[:, :-1] = same_document
+  # Padding has segment 0 (and target 0); a document's last token has NO_TARGET.
+  loss_mask = (segment_ids > 0) & (packed['targets'] != NO_TARGET)
+  targets = np.where(loss_mask, packed['targets'], 0)  # masked slots still need a valid id
   counts = np.bincount(packed['source'][segment_ids > 0], minlength=num_sources)
   return {
       'inputs': tokens.astype(np.int32),
@@ -175,10 +195,12 @@ def model_batch(packed: dict, num_sources: int) -> dict:
 def pack_documents(documents: grain.IterDataset, datasets: list[Dataset],
                    settings: 'LoaderSettings') -> grain.IterDataset:
   """Documents -> rows of seq_len with `tokens`, `tokens_segment_ids`, `tokens_positions`."""
-  lengths = {'tokens': settings.seq_len, 'source': settings.seq_len}
+  lengths = {'tokens': settings.seq_len, 'targets': settings.seq_len, 'source': settings.seq_len}
   if settings.packing == 'concat':
     # Documents run on into the next row; bos_aligned restarts each continued
-    # piece with BOS (its first token is replaced: one token lost per cut).
+    # piece with BOS in `tokens` only: the token at the cut is lost as an
+    # input, but `targets` keeps it, so it is still trained as the target of
+    # the previous row's last token.
     bos = {}
     if settings.bos_aligned:
       bos = dict(bos_handling=grain_exp.BOSHandling.REPLACE_FIRST_TOKEN_WITH_BOS,
