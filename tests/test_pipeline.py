@@ -1,6 +1,10 @@
 """The Grain pipeline: packing, sharding, mixtures, determinism and exact resume."""
 import collections
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ import pytest
 from maxlite.data import pipeline, shards
 
 BOS, EOS = 1, 2
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_dataset(folder, lengths, *, first_doc=0, val_lengths=(5, 7), tokenizer_sha='t0'):
@@ -292,8 +297,52 @@ def test_bad_datasets_name_the_file(tmp_path):
   (tmp_path / 'bad' / 'metadata.json').write_text('{not json')
   with pytest.raises(pipeline.DataError, match=r'bad/metadata\.json is not valid JSON'):
     pipeline.open_datasets([(str(tmp_path / 'bad'), None)])
-  meta = json.loads((a / 'metadata.json').read_text())
-  (a / meta['splits']['train']['shards'][0]).unlink()
-  datasets, _ = pipeline.open_datasets([(str(a), None)])
-  with pytest.raises(FileNotFoundError, match='train-00000.array_record'):
-    pipeline.train_loader(datasets, pipeline.LoaderSettings(seq_len=8, batch_size=1))
+
+
+def damage(folder, case):
+  """Damages the prepared dataset `folder` as `case` says; returns the file to be named."""
+  meta = json.loads((folder / 'metadata.json').read_text())
+  first, second = (folder / name for name in meta['splits']['train']['shards'][:2])
+  if case.endswith('without_recorded_sizes'):  # as data_prep wrote metadata.json before it recorded them
+    for split in meta['splits'].values():
+      del split['shard_documents'], split['shard_bytes']
+    (folder / 'metadata.json').write_text(json.dumps(meta))
+  if case == 'missing':
+    first.unlink()
+  elif case.startswith('truncated'):
+    first.write_bytes(first.read_bytes()[:first.stat().st_size // 2])
+  elif case.startswith('replaced'):  # another shard's complete file in its place
+    second.write_bytes(first.read_bytes())
+    return folder / 'metadata.json' if case.endswith('without_recorded_sizes') else second
+  return first
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', r'shard .*/train-00000\.array_record listed in .*metadata\.json is missing'),
+    ('truncated', r'shard .*/train-00000\.array_record has [\d,]+ bytes, but .*metadata\.json records [\d,]+'),
+    # ArrayRecord files grow in 64 KiB blocks: the same size, another record count.
+    ('replaced', r'shard .*/train-00001\.array_record holds 7 documents, but .*metadata\.json records 5;'),
+    ('truncated_without_recorded_sizes', r'shard .*/train-00000\.array_record is truncated or damaged'),
+    ('replaced_without_recorded_sizes', r'the train shards of .*metadata\.json hold 14 documents, but it records 12'),
+])
+def test_damaged_shard_is_refused_when_the_dataset_opens(tmp_path, case, message):
+  folder = write_dataset(tmp_path / 'd', [10] * 5 + [30] * 7)  # shards of 7 and 5 documents
+  named = damage(folder, case)
+  with pytest.raises(pipeline.DataError, match=message) as error:
+    pipeline.open_datasets([(str(folder), None)])
+  assert str(named) in str(error.value) and '\n' not in str(error.value)
+
+
+def test_truncated_shard_stops_the_train_command_in_one_line_before_the_run_dir(tmp_path):
+  folder = write_dataset(tmp_path / 'd', [10] * 5 + [30] * 7)
+  shard = damage(folder, 'truncated')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, '-m', 'maxlite.train', '--config=configs/tiny.py', f'--config.data.source={folder}',
+       f'--config.train.run_dir={tmp_path / "run"}'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: shard '), result.stderr
+  assert str(shard) in result.stderr
+  assert not (tmp_path / 'run').exists()

@@ -78,12 +78,16 @@ def parse_sources(spec: str) -> list[tuple[str, float | None]]:
 
 
 def open_datasets(entries: list[tuple[str, float | None]]) -> tuple[list[Dataset], object]:
-  """Reads each metadata.json; all sources must share one tokenizer. Returns (datasets, tokenizer)."""
+  """Reads each metadata.json and checks its shards against it; all sources must share one
+  tokenizer. Returns (datasets, tokenizer)."""
   datasets = []
   for path, weight in entries:
     folder = pathlib.Path(path).expanduser()
     try:
       meta = shards.read_metadata(folder)
+      # Here, before the run directory is written, rather than when the loader reaches a bad shard.
+      for split in meta['splits']:
+        shards.check_shards(folder, meta, split)
     except (OSError, ValueError) as error:
       raise DataError(str(error)) from None
     if not meta['splits'].get('train', {}).get('documents'):
