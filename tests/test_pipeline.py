@@ -1,5 +1,6 @@
 """The Grain pipeline: packing, sharding, mixtures, determinism and exact resume."""
 import collections
+import dataclasses
 import json
 import os
 import pathlib
@@ -9,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from maxlite.data import pipeline, shards
+from configs import tiny
+from maxlite.data import embedded, pipeline, shards
 
 BOS, EOS = 1, 2
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -237,6 +239,40 @@ def test_loader_shards_give_the_same_batches_and_state_on_any_split(tmp_path):
   second_half.set_state(whole_state)
   assert np.array_equal(next(second_half)['inputs'], next(whole)['inputs'][4:])
   assert not pipeline.ShardedLoader.state_fits(merged, [0], 2)
+
+
+@pytest.mark.parametrize('case,warns', [
+    ('one_long_document', True), ('one_long_document_in_a_window_of_its_epoch', False),
+    ('many_short_documents', False), ('one_long_document_unshuffled', False),
+    ('a_mixture_with_long_documents', True), ('embedded_default', False)])
+def test_row_shuffle_warning(tmp_path, case, warns):
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, row_shuffle_window=16)  # 512 tokens
+  if case == 'embedded_default':
+    config = tiny.get_config()
+    folder = embedded.prepare('', config.data.embedded_max_bytes, config.data.val_fraction)
+    settings = pipeline.LoaderSettings(seq_len=config.data.seq_len, batch_size=config.train.micro_batch_size,
+                                       row_shuffle_window=config.data.row_shuffle_window)
+    entries = [(str(folder), None)]
+  elif case == 'many_short_documents':
+    entries = [(str(write_dataset(tmp_path / 'short', [100] * 50)), None)]
+  else:
+    entries = [(str(write_dataset(tmp_path / 'book', [5000])), None)]
+    if case.endswith('epoch'):
+      settings = dataclasses.replace(settings, row_shuffle_window=157)  # 157 rows of 32 >= 5000 tokens
+    elif case.endswith('unshuffled'):
+      settings = dataclasses.replace(settings, shuffle=False)
+    elif case.startswith('a_mixture'):
+      entries = [(entries[0][0], 0.1), (str(write_dataset(tmp_path / 'short', [100] * 50, first_doc=5)), 0.9)]
+  datasets, _ = pipeline.open_datasets(entries)
+  warning = pipeline.row_shuffle_warning(datasets, settings)
+  assert (warning is not None) == warns, warning
+  if warns:  # one line, naming the source and a window that mixes it
+    assert warning.startswith('warning: data.row_shuffle_window=16 rows (512 tokens) holds fewer than 4 '
+                              f'average documents of {tmp_path / "book"} (5,000 tokens)')
+    assert '\n' not in warning
+    wanted = int(warning.split('--config.data.row_shuffle_window=')[1].split()[0])
+    assert pipeline.row_shuffle_warning(datasets, dataclasses.replace(settings, row_shuffle_window=wanted)) is None
+    assert pipeline.row_shuffle_warning(datasets, dataclasses.replace(settings, row_shuffle_window=wanted - 1))
 
 
 @pytest.mark.parametrize('mixing,weights,expected', [
