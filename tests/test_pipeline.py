@@ -369,9 +369,13 @@ def test_damaged_shard_is_refused_when_the_dataset_opens(tmp_path, case, message
   assert str(named) in str(error.value) and '\n' not in str(error.value)
 
 
-def test_truncated_shard_stops_the_train_command_in_one_line_before_the_run_dir(tmp_path):
+@pytest.mark.parametrize('case', ['no_dataset', 'missing', 'truncated', 'replaced', 'truncated_without_recorded_sizes'])
+def test_bad_data_stops_the_train_command_in_one_line_before_the_run_dir(tmp_path, case):
   folder = write_dataset(tmp_path / 'd', [10] * 5 + [30] * 7)
-  shard = damage(folder, 'truncated')
+  if case == 'no_dataset':
+    folder, named = tmp_path / 'absent', tmp_path / 'absent' / 'metadata.json'
+  else:
+    named = damage(folder, case)
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   env.pop('XLA_FLAGS', None)
   result = subprocess.run(
@@ -379,6 +383,6 @@ def test_truncated_shard_stops_the_train_command_in_one_line_before_the_run_dir(
        f'--config.train.run_dir={tmp_path / "run"}'],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: shard '), result.stderr
-  assert str(shard) in result.stderr
+  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: '), result.stderr
+  assert str(named) in result.stderr
   assert not (tmp_path / 'run').exists()
