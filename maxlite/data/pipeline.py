@@ -131,10 +131,11 @@ def document_rates(datasets: list[Dataset], mixing: str) -> list[float]:
 
 # A row shuffle window should hold at least this many average documents of
 # each source. Measured: on a one-document corpus the default window gave val
-# loss 1.746 and a full-epoch window 1.668 at equal steps; on the embedded corpus (~11 average documents a window at seq_len 128)
-# 200 steps of configs/tiny.py gave 2.654 with the default and 2.699 with a
-# full-epoch window, no better. Four sits between the two, nearer the harmless
-# case, so that corpora of ordinary documents are not warned about.
+# loss 1.746 and a full-epoch window 1.668 at equal steps; on the embedded
+# corpus (~11 average documents a window at seq_len 128) 200 steps of
+# configs/tiny.py gave 2.654 with the default and 2.699 with a full-epoch
+# window, no better. Four sits between the two, nearer the harmless case, so
+# that corpora of ordinary documents are not warned about.
 MIN_DOCUMENTS_PER_WINDOW = 4
 
 

@@ -9,9 +9,9 @@ little-endian uint16 (vocab <= 65536) or uint32. ArrayRecord files are written
 with group_size 1, so any document is one seek away: the Grain source shuffles
 globally by index without reading neighbours.
 
-Each split of metadata.json lists its shards, and (since these were added)
-each shard's documents and bytes, so that `check_shards` can find a missing,
-truncated or replaced shard at start-up instead of mid-run.
+Each split of metadata.json lists its shards and, in datasets prepared since
+they were recorded, each shard's documents and bytes, so that `check_shards`
+finds a missing, truncated or replaced shard at start-up instead of mid-run.
 """
 import datetime
 import json
