@@ -42,7 +42,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.packing = 'concat'  # concat (documents run on into the next row) | first_fit (padded)
   data.bos_aligned = False  # concat only: a document cut at a row start restarts with BOS
   data.shuffle = True  # global shuffle of documents, reshuffled every epoch
-  data.row_shuffle_window = 1024  # packed rows shuffled within windows of this many; 0: off
+  # Packed rows shuffled within windows of this many; 0: off. Start-up warns when
+  # a window holds fewer than 4 average documents (a corpus of long documents).
+  data.row_shuffle_window = 1024
   data.worker_count = 0  # Grain worker processes that pack batches; 0: a thread of the trainer
   data.worker_buffer_size = 2  # batches each worker (or the thread) keeps ready
   data.read_threads = 4  # threads reading documents from the shards

@@ -326,6 +326,9 @@ def plan_data(config, datasets, sharding, info: Callable[[str], None]) -> DataPl
          f'validation tokens' + (f', weight {dataset.weight}' if dataset.weight else ''))
   info(f'data: batch {global_batch} x {data.seq_len}, {data.packing} packing, '
        f'{len(val_batches)} validation batches, {num_shards} loader shard(s)')
+  shuffle_warning = pipeline.row_shuffle_warning(datasets, settings, num_shards)
+  if shuffle_warning:
+    info(shuffle_warning)
   # Validation batches are whole micro-batches that every process reads; each keeps its rows.
   val_first, val_end = mesh_lib.batch_rows_by_process(
       sharding, (train_cfg.micro_batch_size, data.seq_len))[jax.process_index()]

@@ -232,6 +232,22 @@ def test_one_and_two_workers_write_identical_shards(tmp_path, monkeypatch):
   assert metas[0] == metas[1]
 
 
+def test_metadata_records_each_shards_documents_and_bytes(tmp_path):
+  # What the trainer checks at start-up (maxlite.data.shards.check_shards) against the files.
+  (tmp_path / 'in.txt').write_text('\n'.join(f'line {i} ' * (1 + i % 7) for i in range(250)))
+  meta = prepare(tmp_path / 'in.txt', tmp_path / 'out', split_by='line', docs_per_shard=100,
+                 val_documents=20, workers=1, show_progress=False)
+  for split, expected in (('train', [100, 100, 30]), ('validation', [20])):
+    entry = meta['splits'][split]
+    assert entry['shard_documents'] == expected
+    assert entry['shard_bytes'] == [(tmp_path / 'out' / name).stat().st_size for name in entry['shards']]
+    for name, count in zip(entry['shards'], expected):
+      reader = array_record_module.ArrayRecordReader(str(tmp_path / 'out' / name))
+      assert reader.num_records() == count
+      reader.close()
+    shards.check_shards(tmp_path / 'out', meta, split)
+
+
 def test_max_tokens_stops_within_one_document(tmp_path):
   (tmp_path / 'in.txt').write_text('\n'.join(f'line number {i} ' * (1 + i % 5) for i in range(2000)))
   meta = prepare(tmp_path / 'in.txt', tmp_path / 'out', split_by='line', max_tokens=5000, workers=2,

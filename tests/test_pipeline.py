@@ -1,13 +1,20 @@
 """The Grain pipeline: packing, sharding, mixtures, determinism and exact resume."""
 import collections
+import dataclasses
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from maxlite.data import pipeline, shards
+from configs import tiny
+from maxlite.data import embedded, pipeline, shards
 
 BOS, EOS = 1, 2
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def write_dataset(folder, lengths, *, first_doc=0, val_lengths=(5, 7), tokenizer_sha='t0'):
@@ -38,6 +45,11 @@ def documents_of(lengths, first_doc=0):
   return {(first_doc + i + 1) * 1000 + j for i, n in enumerate(lengths) for j in range(1, n)}
 
 
+def follows(token, target):
+  """Whether `target` is the token after `token` in a document of write_dataset."""
+  return target == token + 1 if token != BOS else target % 1000 == 1
+
+
 def check_rows(batch, seq_len):
   """Segment ids, positions, targets and loss mask agree with the tokens of each row."""
   inputs, seg, pos, targets, mask = (batch[k] for k in ('inputs', 'segment_ids', 'positions', 'targets', 'loss_mask'))
@@ -56,34 +68,77 @@ def check_rows(batch, seq_len):
         # Within a segment the tokens are consecutive positions of one document.
         if inputs[r, t] != BOS:
           assert inputs[r, t] == inputs[r, t - 1] + 1 or inputs[r, t - 1] == BOS
-      same_next = t + 1 < seq_len and seg[r, t + 1] == seg[r, t]
-      assert mask[r, t] == int(same_next)
-      if same_next:
-        assert targets[r, t] == inputs[r, t + 1]
+      if t + 1 < seq_len:  # a segment that ends inside the row is a document's end: no target
+        same_next = seg[r, t + 1] == seg[r, t]
+        assert mask[r, t] == int(same_next)
+        if same_next:
+          assert targets[r, t] == inputs[r, t + 1]
+      elif mask[r, t]:  # the row's last token, trained on the next row's first when its document runs on
+        assert follows(inputs[r, t], targets[r, t]) or (inputs[r, t] == BOS and pos[r, t] == 0)
 
 
 def real_tokens(batch):
   return batch['inputs'][batch['segment_ids'] > 0]
 
 
-@pytest.mark.parametrize('packing', ['concat', 'first_fit'])
-def test_packing_keeps_every_token_exactly_once(tmp_path, packing):
-  lengths = random_lengths(80, seed=1, high=90)  # some longer than a row
-  ds, _ = pipeline.open_datasets([(str(write_dataset(tmp_path / 'd', lengths)), None)])
-  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, packing=packing, shuffle=False)
+def packed_rows(folder, lengths, **settings):
+  """One unshuffled epoch of `lengths` documents packed into rows of 32, each as a batch of one."""
+  ds, _ = pipeline.open_datasets([(str(write_dataset(folder, lengths)), None)])
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, shuffle=False, **settings)
   documents = pipeline.process_documents(ds[0], 0, settings).to_iter_dataset()
   packed = pipeline.pack_documents(documents, ds, settings)
-  rows = [pipeline.model_batch({k: v[None] for k, v in row.items()}, 1) for row in packed]
-  seen = collections.Counter(int(t) for row in rows for t in real_tokens(row) if t != BOS)
-  assert set(seen) == documents_of(lengths) and max(seen.values()) == 1
-  assert sum(int((row['inputs'] == BOS).sum()) for row in rows) == len(lengths)
+  return [pipeline.model_batch({k: v[None] for k, v in row.items()}, 1) for row in packed]
+
+
+@pytest.mark.parametrize('packing,bos_aligned', [('concat', False), ('concat', True), ('first_fit', False)])
+def test_packing_trains_every_token_exactly_once(tmp_path, packing, bos_aligned):
+  """What holds for one epoch of documents, whichever packing cuts them:
+
+  - every token except the first of each document (BOS here) is a target
+    exactly once, predicted from the token before it in its document; no
+    other target is trained;
+  - every token is an input exactly once, except that bos_aligned puts BOS in
+    the input slot of each token at a cut (that token is still a target, of
+    the previous row's last token).
+  """
+  lengths = random_lengths(80, seed=1, high=90)  # some longer than a row
+  rows = packed_rows(tmp_path / 'd', lengths, packing=packing, bos_aligned=bos_aligned)
   for row in rows:
     check_rows(row, 32)
+  trained = [(int(i), int(t)) for row in rows
+             for i, t in zip(row['inputs'][row['loss_mask'] > 0], row['targets'][row['loss_mask'] > 0])]
+  targets = collections.Counter(t for _, t in trained)
+  assert set(targets) == documents_of(lengths) and max(targets.values()) == 1
+  assert len(trained) == sum(lengths) - len(lengths)
+  # A row whose last token is trained ends inside a document: its last target begins the next row.
+  at_cuts = {int(row['targets'][0, -1]) for row in rows if row['loss_mask'][0, -1]}
+  assert len(at_cuts) > 5
+  cut = at_cuts if bos_aligned else set()  # tokens whose input slot holds BOS
+  assert all(follows(i, t) or (i == BOS and t - 1 in cut) for i, t in trained)
+  inputs = collections.Counter(int(t) for row in rows for t in real_tokens(row) if t != BOS)
+  assert set(inputs) == documents_of(lengths) - cut and max(inputs.values()) == 1
+  assert sum(int((row['inputs'] == BOS).sum()) for row in rows) == len(lengths) + len(cut)
   fill = sum(len(real_tokens(r)) for r in rows) / (32 * len(rows))
   if packing == 'concat':  # only the last row may be partly padding
     assert all(len(real_tokens(r)) == 32 for r in rows[:-1])
   else:
     assert fill > 0.8, fill
+
+
+@pytest.mark.parametrize('packing', ['concat', 'first_fit'])
+def test_a_row_cut_inside_a_document_trains_its_last_token_on_the_next_rows_first(tmp_path, packing):
+  # Concat rows overlap by one token: where a document runs on into the next
+  # row, the last target of a row is the first input of the next. First-fit
+  # cuts only documents longer than a row, and each piece's last target is the
+  # first input of the next piece, wherever in its row that piece lies.
+  lengths = random_lengths(40, seed=11, high=120)
+  rows = packed_rows(tmp_path / 'd', lengths, packing=packing)
+  ends = [(i, int(row['targets'][0, -1])) for i, row in enumerate(rows) if row['loss_mask'][0, -1]]
+  piece_starts = [(i, int(x)) for i, row in enumerate(rows)  # pieces that begin mid-document
+                  for x in row['inputs'][(row['positions'] == 0) & (row['segment_ids'] > 0) & (row['inputs'] != BOS)]]
+  assert len(ends) > 5 and sorted(t for _, t in ends) == sorted(x for _, x in piece_starts)
+  if packing == 'concat':
+    assert [(i + 1, target) for i, target in ends] == piece_starts
 
 
 def test_bos_aligned_starts_every_piece_with_bos(tmp_path):
@@ -186,6 +241,40 @@ def test_loader_shards_give_the_same_batches_and_state_on_any_split(tmp_path):
   assert not pipeline.ShardedLoader.state_fits(merged, [0], 2)
 
 
+@pytest.mark.parametrize('case,warns', [
+    ('one_long_document', True), ('one_long_document_in_a_window_of_its_epoch', False),
+    ('many_short_documents', False), ('one_long_document_unshuffled', False),
+    ('a_mixture_with_long_documents', True), ('embedded_default', False)])
+def test_row_shuffle_warning(tmp_path, case, warns):
+  settings = pipeline.LoaderSettings(seq_len=32, batch_size=4, row_shuffle_window=16)  # 512 tokens
+  if case == 'embedded_default':
+    config = tiny.get_config()
+    folder = embedded.prepare('', config.data.embedded_max_bytes, config.data.val_fraction)
+    settings = pipeline.LoaderSettings(seq_len=config.data.seq_len, batch_size=config.train.micro_batch_size,
+                                       row_shuffle_window=config.data.row_shuffle_window)
+    entries = [(str(folder), None)]
+  elif case == 'many_short_documents':
+    entries = [(str(write_dataset(tmp_path / 'short', [100] * 50)), None)]
+  else:
+    entries = [(str(write_dataset(tmp_path / 'book', [5000])), None)]
+    if case.endswith('epoch'):
+      settings = dataclasses.replace(settings, row_shuffle_window=157)  # 157 rows of 32 >= 5000 tokens
+    elif case.endswith('unshuffled'):
+      settings = dataclasses.replace(settings, shuffle=False)
+    elif case.startswith('a_mixture'):
+      entries = [(entries[0][0], 0.1), (str(write_dataset(tmp_path / 'short', [100] * 50, first_doc=5)), 0.9)]
+  datasets, _ = pipeline.open_datasets(entries)
+  warning = pipeline.row_shuffle_warning(datasets, settings)
+  assert (warning is not None) == warns, warning
+  if warns:  # one line, naming the source and a window that mixes it
+    assert warning.startswith('warning: data.row_shuffle_window=16 rows (512 tokens) holds fewer than 4 '
+                              f'average documents of {tmp_path / "book"} (5,000 tokens)')
+    assert '\n' not in warning
+    wanted = int(warning.split('--config.data.row_shuffle_window=')[1].split()[0])
+    assert pipeline.row_shuffle_warning(datasets, dataclasses.replace(settings, row_shuffle_window=wanted)) is None
+    assert pipeline.row_shuffle_warning(datasets, dataclasses.replace(settings, row_shuffle_window=wanted - 1))
+
+
 @pytest.mark.parametrize('mixing,weights,expected', [
     ('weighted', (0.75, 0.25), 0.75),
     ('proportional', (None, None), 3000 / (3000 + 2000)),
@@ -244,8 +333,56 @@ def test_bad_datasets_name_the_file(tmp_path):
   (tmp_path / 'bad' / 'metadata.json').write_text('{not json')
   with pytest.raises(pipeline.DataError, match=r'bad/metadata\.json is not valid JSON'):
     pipeline.open_datasets([(str(tmp_path / 'bad'), None)])
-  meta = json.loads((a / 'metadata.json').read_text())
-  (a / meta['splits']['train']['shards'][0]).unlink()
-  datasets, _ = pipeline.open_datasets([(str(a), None)])
-  with pytest.raises(FileNotFoundError, match='train-00000.array_record'):
-    pipeline.train_loader(datasets, pipeline.LoaderSettings(seq_len=8, batch_size=1))
+
+
+def damage(folder, case):
+  """Damages the prepared dataset `folder` as `case` says; returns the file to be named."""
+  meta = json.loads((folder / 'metadata.json').read_text())
+  first, second = (folder / name for name in meta['splits']['train']['shards'][:2])
+  if case.endswith('without_recorded_sizes'):  # as data_prep wrote metadata.json before it recorded them
+    for split in meta['splits'].values():
+      del split['shard_documents'], split['shard_bytes']
+    (folder / 'metadata.json').write_text(json.dumps(meta))
+  if case == 'missing':
+    first.unlink()
+  elif case.startswith('truncated'):
+    first.write_bytes(first.read_bytes()[:first.stat().st_size // 2])
+  elif case.startswith('replaced'):  # another shard's complete file in its place
+    second.write_bytes(first.read_bytes())
+    return folder / 'metadata.json' if case.endswith('without_recorded_sizes') else second
+  return first
+
+
+@pytest.mark.parametrize('case,message', [
+    ('missing', r'shard .*/train-00000\.array_record listed in .*metadata\.json is missing'),
+    ('truncated', r'shard .*/train-00000\.array_record has [\d,]+ bytes, but .*metadata\.json records [\d,]+'),
+    # ArrayRecord files grow in 64 KiB blocks: the same size, another record count.
+    ('replaced', r'shard .*/train-00001\.array_record holds 7 documents, but .*metadata\.json records 5;'),
+    ('truncated_without_recorded_sizes', r'shard .*/train-00000\.array_record is truncated or damaged'),
+    ('replaced_without_recorded_sizes', r'the train shards of .*metadata\.json hold 14 documents, but it records 12'),
+])
+def test_damaged_shard_is_refused_when_the_dataset_opens(tmp_path, case, message):
+  folder = write_dataset(tmp_path / 'd', [10] * 5 + [30] * 7)  # shards of 7 and 5 documents
+  named = damage(folder, case)
+  with pytest.raises(pipeline.DataError, match=message) as error:
+    pipeline.open_datasets([(str(folder), None)])
+  assert str(named) in str(error.value) and '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('case', ['no_dataset', 'missing', 'truncated', 'replaced', 'truncated_without_recorded_sizes'])
+def test_bad_data_stops_the_train_command_in_one_line_before_the_run_dir(tmp_path, case):
+  folder = write_dataset(tmp_path / 'd', [10] * 5 + [30] * 7)
+  if case == 'no_dataset':
+    folder, named = tmp_path / 'absent', tmp_path / 'absent' / 'metadata.json'
+  else:
+    named = damage(folder, case)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run(
+      [sys.executable, '-m', 'maxlite.train', '--config=configs/tiny.py', f'--config.data.source={folder}',
+       f'--config.train.run_dir={tmp_path / "run"}'],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.count('\n') == 1 and result.stderr.startswith('error: '), result.stderr
+  assert str(named) in result.stderr
+  assert not (tmp_path / 'run').exists()

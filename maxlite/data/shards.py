@@ -8,9 +8,14 @@ A record is a document's token ids, BOS/EOS included as metadata says, as raw
 little-endian uint16 (vocab <= 65536) or uint32. ArrayRecord files are written
 with group_size 1, so any document is one seek away: the Grain source shuffles
 globally by index without reading neighbours.
+
+Each split of metadata.json lists its shards and, in datasets prepared since
+they were recorded, each shard's documents and bytes, so that `check_shards`
+finds a missing, truncated or replaced shard at start-up instead of mid-run.
 """
 import datetime
 import json
+import os
 import pathlib
 
 import numpy as np
@@ -41,6 +46,8 @@ class ShardWriter:
     self.folder, self.split, self.dtype = pathlib.Path(folder), split, dtype
     self.docs_per_shard = docs_per_shard
     self.shards: list[str] = []
+    self.shard_documents: list[int] = []
+    self.shard_bytes: list[int] = []
     self.documents = self.tokens = self.max_document_tokens = 0
     self._writer = None
     self._in_shard = 0
@@ -60,13 +67,16 @@ class ShardWriter:
   def _close_shard(self):
     if self._writer is not None:
       self._writer.close()
+      self.shard_documents.append(self._in_shard)
+      self.shard_bytes.append(os.path.getsize(self.folder / self.shards[-1]))
     self._writer, self._in_shard = None, 0
 
   def close(self) -> dict:
     """Finishes the last shard; returns this split's entry for metadata.json."""
     self._close_shard()
     return {'documents': self.documents, 'tokens': self.tokens,
-            'max_document_tokens': self.max_document_tokens, 'shards': self.shards}
+            'max_document_tokens': self.max_document_tokens, 'shards': self.shards,
+            'shard_documents': self.shard_documents, 'shard_bytes': self.shard_bytes}
 
 
 def write_metadata(folder, tokenizer, *, add_bos: bool, add_eos: bool, splits: dict, source: dict,
@@ -120,3 +130,48 @@ def shard_paths(folder, meta: dict, split: str) -> list[str]:
   if missing:
     raise FileNotFoundError(f'shard {missing[0]} listed in {folder / METADATA_FILE} is missing')
   return [str(p) for p in paths]
+
+
+def check_shards(folder, meta: dict, split: str):
+  """Raises naming the first shard of `split` that is missing, truncated or replaced.
+
+  Cheap enough for every start-up: a stat of each shard, and an ArrayRecord
+  reader opened on it, which reads the footer (the record count and index),
+  not the records. Sizes and counts are compared with those metadata.json
+  recorded when each shard was written; a dataset prepared before they were
+  recorded is checked for readable shards whose counts add up to the split's.
+  """
+  meta_path = pathlib.Path(folder) / METADATA_FILE
+  entry = meta['splits'][split]
+  paths = shard_paths(folder, meta, split)
+  sizes, counts = entry.get('shard_bytes'), entry.get('shard_documents')
+  if any(listed is not None and len(listed) != len(paths) for listed in (sizes, counts)):
+    raise ValueError(f'{meta_path}: split {split!r} lists {len(paths)} shards but not as many sizes and counts')
+  total = 0
+  for index, path in enumerate(paths):
+    size = os.path.getsize(path)
+    if sizes is not None and size != sizes[index]:
+      raise ValueError(f'shard {path} has {size:,} bytes, but {meta_path} records {sizes[index]:,}: '
+                       'it was truncated or replaced; prepare the dataset again')
+    count = record_count(path)
+    if counts is not None and count != counts[index]:
+      raise ValueError(f'shard {path} holds {count:,} documents, but {meta_path} records '
+                       f'{counts[index]:,}; prepare the dataset again')
+    total += count
+  if total != entry['documents']:
+    raise ValueError(f'the {split} shards of {meta_path} hold {total:,} documents, but it records '
+                     f'{entry["documents"]:,}; prepare the dataset again')
+
+
+def record_count(path) -> int:
+  """The records of an ArrayRecord file, from its footer; raises ValueError naming an unreadable file."""
+  reader = array_record_module.ArrayRecordReader(str(path), 'readahead_buffer_size:0')
+  count = reader.num_records() if reader.ok() else None
+  try:
+    reader.close()  # the reader of a damaged file raises its reason here
+  except RuntimeError as error:
+    reason = ' '.join(str(error).split())
+    raise ValueError(f'shard {path} is truncated or damaged ({reason}); prepare the dataset again') from None
+  if count is None:
+    raise ValueError(f'shard {path} is truncated or damaged; prepare the dataset again')
+  return count
