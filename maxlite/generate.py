@@ -9,6 +9,10 @@ prompt and its completion is printed under a `==> prompt N <==` line once it
 is complete, in prompt order. A completion ends at EOS or after
 --max_new_tokens. Only text goes to stdout; the rest goes to stderr.
 
+A prompt begins as the run's training documents began: after BOS unless the
+data was prepared with --no_add_bos (recorded in the run's tokenizer/ folder;
+runs without that record get BOS). --bos / --no_bos override it.
+
 Shape legend: B batch (one row per prompt), T padded prompt length, S cache
 slots, V vocab.
 
@@ -198,11 +202,9 @@ def tensor_mesh(model, devices=None):
   return mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': len(devices), 'pipeline': 1}, devices)
 
 
-def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, devices=None):
-  """(step, Sampler, tokenizer) for checkpoint `step` of a run (None: its newest).
-
-  Only the parameters are read, straight onto `tensor_mesh(model, devices)`.
-  """
+def read_run(run_dir, step: int | None = None, compute_dtype: str | None = None):
+  """(step, resolved config, tokenizer, compute dtype) of checkpoint `step` of a run
+  (None: its newest); compute_dtype None is the run's model.compute_dtype."""
   run_dir = pathlib.Path(run_dir)
   if not run_dir.is_dir():
     raise FileNotFoundError(f'run_dir {run_dir} does not exist')
@@ -213,15 +215,38 @@ def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, 
     raise ValueError(f'compute_dtype={compute_dtype!r} is not one of bfloat16, float32, float64')
   if 'float64' in (config.model.param_dtype, compute_dtype):
     jax.config.update('jax_enable_x64', True)
-  mesh = tensor_mesh(config.model, devices)
-  cfg = LlamaConfig.from_config(config.model, padded_vocab_size=padded_vocab_size(
-      config.model.vocab_size, mesh.shape['tensor']))
+  return step, config, tokenizer, compute_dtype
+
+
+def restore_params(run_dir, step: int, model_config, mesh, **fields) -> tuple[LlamaConfig, dict]:
+  """(the LlamaConfig for `mesh`, the parameters of checkpoint `step` placed on
+  it by the rule table); fields override LlamaConfig fields."""
+  cfg = LlamaConfig.from_config(model_config, padded_vocab_size=padded_vocab_size(
+      model_config.vocab_size, mesh.shape['tensor']), **fields)
   _, abstract, logical = state_lib.abstract_model(cfg)
   shardings = mesh_lib.tree_shardings(mesh, logical, abstract)
-  params = checkpoint.load_params(run_dir, step, abstract, shardings)
+  return cfg, checkpoint.load_params(run_dir, step, abstract, shardings)
+
+
+def load(run_dir, step: int | None = None, *, compute_dtype: str | None = None, devices=None):
+  """(step, Sampler, tokenizer) for checkpoint `step` of a run (None: its newest).
+
+  Only the parameters are read, straight onto `tensor_mesh(model, devices)`.
+  """
+  step, config, tokenizer, compute_dtype = read_run(run_dir, step, compute_dtype)
+  mesh = tensor_mesh(config.model, devices)
+  cfg, params = restore_params(run_dir, step, config.model, mesh)
   sampler = Sampler(cfg, params, mesh, max_seq_len=config.model.max_seq_len,
                     compute_dtype=compute_dtype)
   return step, sampler, tokenizer
+
+
+def prompts_start_with_bos(run_dir, bos: bool | None = None) -> bool:
+  """`bos` when given; otherwise whether the run's training documents began with
+  BOS (runs that did not record it: yes)."""
+  if bos is not None:
+    return bos
+  return tokenizers.saved_document_specials(pathlib.Path(run_dir) / 'tokenizer')[0]
 
 
 def _to_stderr(message: str):
@@ -229,15 +254,16 @@ def _to_stderr(message: str):
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], room: int,
-                   warn: Callable[[str], None] = _to_stderr) -> list[np.ndarray]:
-  """[BOS] + tokens of each prompt, as training saw documents begin; a prompt
-  longer than `room` tokens keeps its last `room` (with a warning)."""
+                   warn: Callable[[str], None] = _to_stderr, *, bos: bool = True) -> list[np.ndarray]:
+  """The tokens of each prompt, after BOS when `bos` (and the tokenizer has one):
+  a prompt should begin as the training documents began. A prompt longer than
+  `room` tokens keeps its last `room` (with a warning)."""
   encoded = []
   for i, prompt in enumerate(prompts):
     if not prompt:
       raise ValueError(f'prompt {i + 1} is empty')
     ids = tokenizer.encode(prompt)
-    if tokenizer.bos_id >= 0:
+    if bos and tokenizer.bos_id >= 0:
       ids = np.concatenate([[tokenizer.bos_id], ids])
     if len(ids) > room:
       warn(f'warning: prompt {i + 1} has {len(ids)} tokens; keeping its last {room} '
@@ -284,16 +310,17 @@ def check_max_new_tokens(max_new_tokens: int, max_seq_len: int):
 def complete(sampler: Sampler, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              sampling: Sampling, seed: int = 0, on_text: Callable[[int, str], None] | None = None,
              on_done: Callable[[int, str], None] | None = None,
-             warn: Callable[[str], None] = _to_stderr) -> list[str]:
+             warn: Callable[[str], None] = _to_stderr, bos: bool = True) -> list[str]:
   """The completion of each prompt (without the prompt and EOS).
 
   on_text(row, piece) is called as each row's text grows; on_done(row, text)
-  once per row, as soon as that row has ended.
+  once per row, as soon as that row has ended. bos: whether prompts start with
+  BOS (see `prompts_start_with_bos`).
   """
   if not prompts:
     raise ValueError('no prompt given')
   check_max_new_tokens(max_new_tokens, sampler.max_seq_len)
-  encoded = encode_prompts(tokenizer, prompts, sampler.max_seq_len - max_new_tokens, warn)
+  encoded = encode_prompts(tokenizer, prompts, sampler.max_seq_len - max_new_tokens, warn, bos=bos)
   streams = [_TextStream(tokenizer, ids) for ids in encoded]
   open_rows = list(range(len(prompts)))
 
@@ -320,16 +347,18 @@ def complete(sampler: Sampler, tokenizer, prompts: Sequence[str], *, max_new_tok
 
 def generate(run_dir, prompts: Sequence[str], *, step: int | None = None, max_new_tokens: int = 64,
              temperature: float = 0.8, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             compute_dtype: str | None = None, devices=None,
+             compute_dtype: str | None = None, devices=None, bos: bool | None = None,
              on_text: Callable[[int, str], None] | None = None,
              on_done: Callable[[int, str], None] | None = None,
              warn: Callable[[str], None] = _to_stderr) -> list[str]:
   """Completes each prompt with the run's checkpoint `step` (None: the newest);
-  see `load` and `complete`."""
+  prompts start with BOS when `bos`, or when None as the run's training
+  documents did. See `load` and `complete`."""
   sampling = Sampling(temperature, top_k, top_p)  # bad values fail before anything loads
   _, sampler, tokenizer = load(run_dir, step, compute_dtype=compute_dtype, devices=devices)
   return complete(sampler, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                  seed=seed, on_text=on_text, on_done=on_done, warn=warn)
+                  seed=seed, on_text=on_text, on_done=on_done, warn=warn,
+                  bos=prompts_start_with_bos(run_dir, bos))
 
 
 # -- command line ----------------------------------------------------------------------
@@ -349,6 +378,8 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Sample from the smallest set of most 
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the sampling.')
 _COMPUTE_DTYPE = flags.DEFINE_enum('compute_dtype', None, ['bfloat16', 'float32', 'float64'],
                                    "Default: the run's model.compute_dtype.")
+_BOS = flags.DEFINE_boolean('bos', None, 'Start each prompt with BOS (--no_bos: without); default: '
+                            "as the run's training documents began.")
 
 
 def _read_prompts() -> list[str]:
@@ -371,15 +402,17 @@ def main(argv):
     prompts = _read_prompts()
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     step, sampler, tokenizer = load(_RUN_DIR.value, _STEP.value, compute_dtype=_COMPUTE_DTYPE.value)
+    bos = prompts_start_with_bos(_RUN_DIR.value, _BOS.value)
     _to_stderr(f'{_RUN_DIR.value} step {step} on {len(sampler.mesh.devices.flat)} x '
-               f'{jax.devices()[0].device_kind}, {sampler.compute_dtype.name}')
+               f'{jax.devices()[0].device_kind}, {sampler.compute_dtype.name}, '
+               f'prompts {"after" if bos and tokenizer.bos_id >= 0 else "without"} BOS')
     check_max_new_tokens(_MAX_NEW_TOKENS.value, sampler.max_seq_len)
     out = sys.stdout
     if len(prompts) == 1:  # stream the completion after its prompt
       out.write(prompts[0])
       on_text = lambda row, piece: (out.write(piece), out.flush())
       complete(sampler, tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
-               seed=_SEED.value, on_text=on_text)
+               seed=_SEED.value, on_text=on_text, bos=bos)
       out.write('\n')
       return
     # Several: each prompt and completion once complete, in prompt order.
@@ -394,7 +427,7 @@ def main(argv):
         next_row += 1
 
     complete(sampler, tokenizer, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampling=sampling,
-             seed=_SEED.value, on_done=on_done)
+             seed=_SEED.value, on_done=on_done, bos=bos)
   except (ValueError, FileNotFoundError) as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
@@ -402,6 +435,8 @@ def main(argv):
 
 def parse_flags(argv):
   """absl flag parsing, but a bad flag is one line, not a usage dump."""
+  # absl spells a boolean's negation --nobos; --no_bos is data_prep's spelling (--no_add_bos).
+  argv = ['--nobos' if arg == '--no_bos' else arg for arg in argv]
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:

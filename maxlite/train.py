@@ -78,7 +78,10 @@ def train(config) -> list[dict]:
   writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
   if jax.process_index() == 0:
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-    tokenizers.save_tokenizer(tokenizer, run_dir / 'tokenizer')  # for generate and HF export
+    # For generate and HF export; a mixture's sources agree on BOS/EOS (pipeline.open_datasets).
+    meta = datasets[0].meta
+    tokenizers.save_tokenizer(tokenizer, run_dir / 'tokenizer', add_bos=meta.get('add_bos', True),
+                              add_eos=meta.get('add_eos', True))
 
   # -- mesh ----------------------------------------------------------------------
   mesh = mesh_lib.make_mesh(mesh_sizes)
@@ -276,7 +279,7 @@ def check_resumable(run_dir: pathlib.Path, config):
 def check_run_tokenizer(run_dir: pathlib.Path, tokenizer):
   """A resumed run must read its data with the tokenizer it started with."""
   saved = run_dir / 'tokenizer' / tokenizers.DESCRIPTION_FILE
-  if saved.is_file() and json.loads(saved.read_text()) != tokenizer.describe():
+  if saved.is_file() and tokenizers.tokenizer_part(json.loads(saved.read_text())) != tokenizer.describe():
     raise TrainingError(f'data.source uses a different tokenizer ({tokenizer.describe()["kind"]}) '
                         f'from the one {run_dir} was trained with ({saved})')
 

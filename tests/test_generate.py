@@ -256,3 +256,63 @@ def test_cli_streams_the_completion_and_fails_in_one_line(trained_run, tmp_path)
   result = run_cli(f'--run_dir={tmp_path / "missing"}', '--prompt=x')
   assert result.returncode == 1 and result.stdout == '' and 'Traceback' not in result.stderr
   assert result.stderr.splitlines()[-1] == f'error: run_dir {tmp_path / "missing"} does not exist'
+
+
+# -- BOS: prompts begin as the run's training documents began ------------------------------
+
+def fabricated_run(run_dir, *, add_bos: bool | None):
+  """A run directory as train writes it, with a small random model (no training):
+  a checkpoint and the byte tokenizer, recorded with the data's add_bos (None:
+  no record, as runs saved before it was kept)."""
+  from maxlite import checkpoint, state
+  from maxlite.data import tokenizers
+  config = tiny.get_config()
+  config.model.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48, max_seq_len=64)
+  cfg = LlamaConfig.from_config(config.model)
+  checkpointer = checkpoint.Checkpointer(run_dir, interval=1, max_to_keep=1)
+  checkpointer.save(1, state.TrainState(step=jnp.int32(1), params=random_params(cfg, seed=2), opt_state=()),
+                    config.to_json_best_effort(), {}, {'source_tokens': [0]})
+  checkpointer.close()
+  tokenizers.save_tokenizer(ByteTokenizer(), run_dir / 'tokenizer', add_bos=add_bos,
+                            add_eos=None if add_bos is None else True)
+  return run_dir
+
+
+@pytest.fixture(scope='module')
+def bos_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('bos')
+  return {'no_bos': fabricated_run(root / 'no_bos', add_bos=False),
+          'unrecorded': fabricated_run(root / 'unrecorded', add_bos=None)}
+
+
+def test_a_run_whose_data_had_no_bos_generates_without_bos(bos_runs, monkeypatch):
+  fed = []
+  stream = gen.Sampler.stream
+
+  def recording_stream(self, prompts, *args, **kwargs):
+    fed.append([p.tolist() for p in prompts])
+    return stream(self, prompts, *args, **kwargs)
+
+  monkeypatch.setattr(gen.Sampler, 'stream', recording_stream)
+  bos, ab = ByteTokenizer.bos_id, [97, 98]
+
+  def first_prompt_ids(run, **kwargs):
+    gen.generate(bos_runs[run], ['ab'], max_new_tokens=2, temperature=0, devices=jax.devices()[:1],
+                 **kwargs)
+    return fed[-1][0]
+
+  assert first_prompt_ids('no_bos') == ab
+  assert first_prompt_ids('no_bos', bos=True) == [bos, *ab]  # the argument overrides the run
+  # A run saved before the record was kept: BOS, as before (the CLI test generates from it).
+  assert gen.prompts_start_with_bos(bos_runs['unrecorded'])
+  assert not gen.prompts_start_with_bos(bos_runs['unrecorded'], bos=False)
+  assert gen.encode_prompts(ByteTokenizer(), ['ab'], room=8, bos=False)[0].tolist() == ab
+
+
+@pytest.mark.parametrize('run,flag,said', [('no_bos', '--bos', 'after'), ('unrecorded', '--no_bos', 'without')])
+def test_cli_bos_flags_override_the_run(bos_runs, run, flag, said):
+  result = run_cli(f'--run_dir={bos_runs[run]}', '--prompt=ab', '--max_new_tokens=2',
+                   '--temperature=0', flag)
+  assert result.returncode == 0, result.stderr
+  assert f'step 1 on 1 x cpu, float32, prompts {said} BOS' in result.stderr

@@ -26,7 +26,9 @@ document, which has no predecessor (with `bos_aligned`, the token at a cut is
 still a target, but its input slot holds BOS).
 """
 import dataclasses
+import itertools
 import pathlib
+from collections.abc import Iterator
 
 import grain
 import numpy as np
@@ -364,18 +366,24 @@ class ShardedLoader:
 
 def validation_batches(datasets: list[Dataset], settings: LoaderSettings, num_batches: int) -> list[dict]:
   """A fixed set of global batches: the validation splits in order, unshuffled, packed alike."""
+  return list(itertools.islice(iter_validation_batches(datasets, settings), num_batches))
+
+
+def iter_validation_batches(datasets: list[Dataset], settings: LoaderSettings, *,
+                            drop_remainder: bool = True) -> Iterator[dict]:
+  """Every batch of the validation splits, in order; the last may have fewer
+  rows unless drop_remainder. Nothing is read before the first batch is asked for."""
   parts = [d.records('validation').map(_Decode(d.meta['token_dtype'], i))
            for i, d in enumerate(datasets) if d.split('validation')['documents']]
-  if not parts or num_batches == 0:
-    return []
+  if not parts:
+    return
   documents = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
   packed = pack_documents(documents.to_iter_dataset(), datasets,
                           dataclasses.replace(settings, shuffle=False, seed=0))
-  batches = packed.batch(settings.batch_size, drop_remainder=True).map(_ToModelBatch(len(datasets)))
-  batches = [batch for _, batch in zip(range(num_batches), iter(batches))]
-  for batch in batches:
+  batches = packed.batch(settings.batch_size, drop_remainder=drop_remainder)
+  for batch in batches.map(_ToModelBatch(len(datasets))):
     del batch['source_tokens']
-  return batches
+    yield batch
 
 
 def state_from_json(value, in_slices: bool = False):

@@ -156,22 +156,52 @@ def from_description(description: dict, folder) -> 'ByteTokenizer | SentencePiec
 
 
 DESCRIPTION_FILE = 'tokenizer_description.json'
+# Beside the tokenizer's own description, a run records what its data added to
+# every document (metadata.json's fields of the same names), so that
+# generation begins a prompt as training began a document.
+DOCUMENT_KEYS = ('add_bos', 'add_eos')
 
 
-def save_tokenizer(tokenizer, folder) -> dict:
-  """Writes the tokenizer's description and file into `folder` (a run's tokenizer/)."""
+def save_tokenizer(tokenizer, folder, *, add_bos: bool | None = None,
+                   add_eos: bool | None = None) -> dict:
+  """Writes the tokenizer's description and file into `folder` (a run's tokenizer/),
+  with the data's add_bos/add_eos when given."""
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   description = tokenizer.describe()
+  for key, value in zip(DOCUMENT_KEYS, (add_bos, add_eos)):
+    if value is not None:
+      description[key] = bool(value)
   if tokenizer.path is not None and tokenizer.path.resolve() != (folder / tokenizer.path.name).resolve():
     shutil.copyfile(tokenizer.path, folder / tokenizer.path.name)
   (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + '\n')
   return description
 
 
-def load_saved_tokenizer(folder):
-  """The tokenizer `save_tokenizer` wrote into `folder`."""
+def read_saved_description(folder) -> dict:
+  """What `save_tokenizer` wrote into `folder`, as a dict."""
   description_file = pathlib.Path(folder) / DESCRIPTION_FILE
   if not description_file.is_file():
     raise FileNotFoundError(f'{description_file} does not exist')
-  return from_description(json.loads(description_file.read_text()), folder)
+  try:
+    return json.loads(description_file.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    raise ValueError(f'{description_file} is not valid JSON: {error}') from None
+
+
+def tokenizer_part(description: dict) -> dict:
+  """A saved description without the data's DOCUMENT_KEYS: what `describe()` gives."""
+  return {k: v for k, v in description.items() if k not in DOCUMENT_KEYS}
+
+
+def load_saved_tokenizer(folder):
+  """The tokenizer `save_tokenizer` wrote into `folder`."""
+  return from_description(read_saved_description(folder), folder)
+
+
+def saved_document_specials(folder) -> tuple[bool, bool]:
+  """(add_bos, add_eos): whether the run's training documents began with BOS and
+  ended with EOS. Runs saved before this was recorded say nothing; their
+  generation prepended BOS, and still does."""
+  description = read_saved_description(folder)
+  return tuple(bool(description.get(key, True)) for key in DOCUMENT_KEYS)
