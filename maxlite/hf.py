@@ -291,8 +291,11 @@ def _check_out_dir(out_dir: pathlib.Path):
 
 
 def write_folder(out_dir, params: dict, cfg: LlamaConfig, *, max_seq_len: int, tokenizer=None,
-                 dtype: str = 'float32', log=print) -> pathlib.Path:
-  """Writes an HF Llama folder from maxlite params; it appears complete or not at all."""
+                 add_bos: bool = True, dtype: str = 'float32', log=print) -> pathlib.Path:
+  """Writes an HF Llama folder from maxlite params; it appears complete or not at all.
+
+  add_bos: whether the training documents began with BOS (the tokenizer files say so).
+  """
   from safetensors.numpy import save_file
   out_dir = pathlib.Path(out_dir).absolute()
   _check_out_dir(out_dir)
@@ -308,7 +311,7 @@ def write_folder(out_dir, params: dict, cfg: LlamaConfig, *, max_seq_len: int, t
     (staging / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
     if tokenizer is None:
       log('note: no tokenizer files written (the run has no tokenizer/ folder)')
-    elif (why := hf_tokenizer.write_files(tokenizer, staging, max_seq_len)) is not None:
+    elif (why := hf_tokenizer.write_files(tokenizer, staging, max_seq_len, add_bos)) is not None:
       log(f'note: no tokenizer files written: {why}')
     _check_out_dir(out_dir)
     os.replace(staging, out_dir)  # replaces an empty out_dir, fails on a non-empty one
@@ -337,11 +340,12 @@ def export(run_dir, out_dir, step: int | None = None, dtype: str = 'float32', lo
       run_dir, step, state_lib.abstract_model(cfg)[1],
       jax.sharding.SingleDeviceSharding(_host_device())))
   tokenizer_dir = run_dir / 'tokenizer'
-  tokenizer = None
+  tokenizer, add_bos = None, True
   if (tokenizer_dir / tokenizers.DESCRIPTION_FILE).is_file():
     tokenizer = tokenizers.load_saved_tokenizer(tokenizer_dir)
+    add_bos, _ = tokenizers.saved_document_specials(tokenizer_dir)
   out = write_folder(out_dir, params, cfg, max_seq_len=config.model.max_seq_len, tokenizer=tokenizer,
-                     dtype=dtype, log=log)
+                     add_bos=add_bos, dtype=dtype, log=log)
   log(f'exported step {step} of {run_dir} to {out}')
   return out
 

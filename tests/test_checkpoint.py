@@ -136,8 +136,13 @@ def test_an_unreadable_latest_checkpoint_is_moved_aside_and_the_previous_used(
   config.train.run_dir = str(damaged_dir)
   resumed = losses(train(config))
   assert resumed == {step: straight[step] for step in range(11, 21)}
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.out
   assert 'warning: checkpoint 15 is unreadable' in out and 'from its checkpoint at step 10' in out
+  # One line on the console; the libraries' tracebacks go to the run's log file.
+  console = out + captured.err
+  assert 'Traceback' not in console and sum('checkpoint 15' in line for line in console.splitlines()) == 1
+  assert 'checkpoint 15 is unreadable' in (damaged_dir / 'maxlite.log').read_text()
   moved = list((damaged_dir / 'unreadable_checkpoints').iterdir())
   assert len(moved) == 1 and moved[0].name.startswith('15-')
   assert step_dirs(damaged_dir) == [10, 15, 20]

@@ -145,6 +145,18 @@ def test_byte_tokenizer_export_matches_maxlite(exported):
   assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (256, 257, 258)
 
 
+def test_a_run_trained_without_bos_exports_tokenizers_without_bos(tmp_path):
+  """The tokenizer files follow the run's record of its data (data_prep --no_add_bos)."""
+  ours = tokenizers.ByteTokenizer()
+  for add_bos in (True, False):
+    folder = tmp_path / str(add_bos)
+    folder.mkdir()
+    assert hf_tokenizer.write_files(ours, folder, SEQ_LEN, add_bos=add_bos) is None
+    theirs = transformers.AutoTokenizer.from_pretrained(folder)
+    ids = ours.encode('def f').tolist()
+    assert theirs('def f')['input_ids'] == ([ours.bos_id] if add_bos else []) + ids
+
+
 @pytest.mark.parametrize('model_type', ['bpe', 'unigram'])
 def test_sentencepiece_export(model_type, tmp_path):
   import sentencepiece

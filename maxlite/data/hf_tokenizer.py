@@ -29,12 +29,12 @@ def _byte_to_char() -> dict[int, str]:
   return chars
 
 
-def byte_tokenizer_json() -> str | None:
+def byte_tokenizer_json(add_bos: bool = True) -> str | None:
   """maxlite's ByteTokenizer as an HF tokenizer.json (None without `tokenizers`).
 
   A BPE with no merges over the 256 byte-level characters gives id = byte; no
   regex split, so nothing but the bytes decides the ids. Encoding with special
-  tokens prepends BOS, as maxlite's data preparation does by default.
+  tokens prepends BOS when the training documents began with it (add_bos).
   """
   try:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -47,16 +47,21 @@ def byte_tokenizer_json() -> str | None:
   tokenizer.add_special_tokens(list(BYTE_SPECIALS))
   byte = tokenizers.ByteTokenizer
   assert [tokenizer.token_to_id(t) for t in BYTE_SPECIALS] == [byte.pad_id, byte.bos_id, byte.eos_id]
-  tokenizer.post_processor = processors.TemplateProcessing(
-      single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', byte.bos_id)])
+  if add_bos:
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single='<s> $A', pair='<s> $A <s> $B', special_tokens=[('<s>', byte.bos_id)])
   return tokenizer.to_str()
 
 
-def write_files(tokenizer, folder: pathlib.Path, max_seq_len: int) -> str | None:
-  """Writes HF tokenizer files for a maxlite tokenizer; returns why none were written, if so."""
+def write_files(tokenizer, folder: pathlib.Path, max_seq_len: int, add_bos: bool = True) -> str | None:
+  """Writes HF tokenizer files for a maxlite tokenizer; returns why none were written, if so.
+
+  add_bos: whether the training documents began with BOS, so that HF encodes
+  as the model was trained (an HF tokenizer.json is copied as it is).
+  """
   common = {'model_max_length': max_seq_len, 'clean_up_tokenization_spaces': False}
   if tokenizer.kind == 'byte':
-    text = byte_tokenizer_json()
+    text = byte_tokenizer_json(add_bos)
     if text is None:
       return 'the byte tokenizer needs the `tokenizers` package for its tokenizer.json'
     (folder / 'tokenizer.json').write_text(text)
@@ -76,7 +81,7 @@ def write_files(tokenizer, folder: pathlib.Path, max_seq_len: int) -> str | None
                 (('unk', sp.unk_id()), ('bos', sp.bos_id()), ('eos', sp.eos_id()), ('pad', sp.pad_id()))
                 if i >= 0}
     # legacy: a '▁' before every text, as SentencePiece's add_dummy_prefix does.
-    config = {'tokenizer_class': 'LlamaTokenizer', **specials, 'add_bos_token': True,
+    config = {'tokenizer_class': 'LlamaTokenizer', **specials, 'add_bos_token': add_bos,
               'add_eos_token': False, 'legacy': True}
   else:
     shutil.copyfile(tokenizer.path, folder / 'tokenizer.json')
