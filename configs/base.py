@@ -31,6 +31,19 @@ def get_config() -> ml_collections.ConfigDict:
   model.scan_layers = True  # scan keeps compile time flat in depth
   model.remat = 'none'  # none | full | save_matmuls
   model.z_loss_weight = 0.0
+  # Mixture of Experts (maxlite/model/moe.py); 0 experts: every layer dense.
+  model.num_experts = 0
+  model.experts_per_token = 2  # top-k
+  model.moe_intermediate_size = 0  # each expert's MLP width; 0: intermediate_size
+  model.moe_every = 1  # layers n-1, 2n-1, ... are MoE (1: all); the others dense
+  model.moe_shared_expert_size = 0  # width of a shared expert every token also runs, gated; 0: none
+  # 0: dropless. f > 0: each expert takes at most f x its fair share of a device's
+  # assignments and drops the rest (first choices first); needs moe_dispatch='all_to_all'.
+  model.moe_capacity_factor = 0.0
+  model.moe_dispatch = 'gather'  # over parallel.expert: gather (anywhere) | all_to_all
+  model.moe_balance_loss_weight = 0.01  # Switch load-balancing loss (1.0 when balanced)
+  model.moe_router_z_loss_weight = 0.001  # router z-loss: mean squared log-normaliser
+  model.moe_bias_update_rate = 0.0  # DeepSeek-V3's aux-loss-free balancing step; 0: off
 
   data = config.data = ml_collections.ConfigDict()
   # 'embedded': the Python standard library's source, prepared on first use;
@@ -88,6 +101,7 @@ def get_config() -> ml_collections.ConfigDict:
   parallel = config.parallel = ml_collections.ConfigDict()
   parallel.data = -1  # one axis may be -1: it takes the remaining devices
   parallel.fsdp = 1
+  parallel.expert = 1  # splits the experts and, with data and fsdp, the batch
   parallel.tensor = 1
   parallel.pipeline = 1  # stages; the blocks' layers are split between them
   # Micro-batches that each micro-step's batch is split into for the pipeline; 0: one per stage.

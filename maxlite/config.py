@@ -9,10 +9,11 @@ import ml_collections
 
 from maxlite.model import remat  # the policy table only, not the model
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor', 'pipeline')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
+MOE_DISPATCHES = ('gather', 'all_to_all')
 PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
 NONFINITE_POLICIES = ('stop', 'skip')
@@ -43,7 +44,7 @@ def mesh_shape(parallel, num_devices: int) -> dict[str, int]:
     sizes[free[0]] = num_devices // fixed
   product = math.prod(sizes.values())
   _require(product == num_devices,
-           f'parallel: data*fsdp*tensor*pipeline = {product} ({_fmt(sizes)}) '
+           f'parallel: {"*".join(MESH_AXES)} = {product} ({_fmt(sizes)}) '
            f'but there are {num_devices} devices')
   return sizes
 
@@ -145,13 +146,50 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
            '(the residual stream is split along its length between blocks)')
   _require(model.hidden_size % sizes['fsdp'] == 0,
            f'parallel.fsdp={sizes["fsdp"]} does not divide model.hidden_size={model.hidden_size}')
-  batch_shards = sizes['data'] * sizes['fsdp']
-  _require(train.micro_batch_size % batch_shards == 0,
+  _require(train.micro_batch_size % batch_shards(sizes) == 0,
            f'train.micro_batch_size={train.micro_batch_size} (global batch '
            f'{train.micro_batch_size * train.grad_accum_steps}) is not divisible by '
-           f'parallel.data*parallel.fsdp={batch_shards}')
+           f'{BATCH_SHARDS}={batch_shards(sizes)}')
+  _validate_moe(model, sizes)
   _validate_pipeline(config, sizes)
   return sizes
+
+
+# The mesh axes that split the batch's rows (the rule table's 'batch').
+BATCH_SHARDS = 'parallel.data*parallel.fsdp*parallel.expert'
+
+
+def batch_shards(sizes: dict[str, int]) -> int:
+  return sizes['data'] * sizes['fsdp'] * sizes['expert']
+
+
+def expert_width(model) -> int:
+  return model.moe_intermediate_size or model.intermediate_size
+
+
+def _validate_moe(model, sizes):
+  """The Mixture-of-Experts fields (maxlite.model.moe) and the `expert` axis."""
+  experts, expert = model.num_experts, sizes['expert']
+  _require(experts >= 0, f'model.num_experts={experts} must be >= 0 (0: dense)')
+  if not experts:
+    _require(expert == 1, f'parallel.expert={expert} splits experts, but model.num_experts=0 (dense)')
+    return
+  _require(1 <= model.experts_per_token <= experts,
+           f'model.experts_per_token={model.experts_per_token} must be in [1, model.num_experts={experts}]')
+  _require(model.moe_every >= 1 and model.num_layers % model.moe_every == 0,
+           f'model.moe_every={model.moe_every} must be >= 1 and divide model.num_layers={model.num_layers}')
+  for field in ('moe_intermediate_size', 'moe_shared_expert_size', 'moe_capacity_factor',
+                'moe_balance_loss_weight', 'moe_router_z_loss_weight', 'moe_bias_update_rate'):
+    _require(model[field] >= 0, f'model.{field}={model[field]} must be >= 0')
+  _require(model.moe_dispatch in MOE_DISPATCHES,
+           f'model.moe_dispatch={model.moe_dispatch!r} is not one of {MOE_DISPATCHES}')
+  _require(not (model.moe_capacity_factor and model.moe_dispatch == 'gather'),
+           f'model.moe_capacity_factor={model.moe_capacity_factor} needs '
+           "model.moe_dispatch='all_to_all' (the capacity slots are what it exchanges)")
+  _require(experts % expert == 0, f'parallel.expert={expert} does not divide model.num_experts={experts}')
+  for width in ('moe_shared_expert_size',) + (('moe_intermediate_size',) if model.moe_intermediate_size else ()):
+    _require(model[width] % sizes['tensor'] == 0,
+             f'parallel.tensor={sizes["tensor"]} does not divide model.{width}={model[width]}')
 
 
 def _validate_pipeline(config, sizes):
@@ -175,10 +213,15 @@ def _validate_pipeline(config, sizes):
            f'parallel.pipeline_microbatches={micro} must be >= parallel.pipeline={stages} for the '
            f'circular schedule (parallel.pipeline_repeats={repeats} > 1)')
   # Each pipeline micro-batch is itself split over the batch shards.
-  batch_shards = sizes['data'] * sizes['fsdp']
-  _require(config.train.micro_batch_size % (micro * batch_shards) == 0,
+  _require(config.train.micro_batch_size % (micro * batch_shards(sizes)) == 0,
            f'train.micro_batch_size={config.train.micro_batch_size} is not divisible by '
-           f'parallel.pipeline_microbatches={micro} x parallel.data*parallel.fsdp={batch_shards}')
+           f'parallel.pipeline_microbatches={micro} x {BATCH_SHARDS}={batch_shards(sizes)}')
+  # With MoE every n-th layer the stacks run in groups of n layers.
+  groups = num_layers // (config.model.moe_every if config.model.num_experts else 1)
+  _require(groups % (stages * repeats) == 0,
+           f'model.num_layers={num_layers} / model.moe_every={config.model.moe_every} = {groups} '
+           f'layer groups is not divisible by parallel.pipeline={stages} x '
+           f'parallel.pipeline_repeats={repeats}')
 
 
 def model_fields(config, sizes: dict[str, int]) -> dict:
@@ -201,7 +244,10 @@ def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
 # these unchanged (the mesh, steps, schedule, data and dtypes may change).
 RESUME_FIELDS = ('model.vocab_size', 'model.hidden_size', 'model.num_layers', 'model.num_heads',
                  'model.num_kv_heads', 'model.intermediate_size', 'model.tie_embeddings',
-                 'model.rope_theta', 'model.norm_eps', 'train.nonfinite')
+                 'model.rope_theta', 'model.norm_eps', 'train.nonfinite',
+                 # Mixture of Experts (maxlite.model.moe)
+                 'model.num_experts', 'model.experts_per_token', 'model.moe_intermediate_size',
+                 'model.moe_every', 'model.moe_shared_expert_size')
 
 
 def resume_conflicts(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:

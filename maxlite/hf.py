@@ -5,7 +5,11 @@
 
 An exported folder loads with `transformers.LlamaForCausalLM.from_pretrained`;
 `import_params` reads such a folder (ours or any Llama without biases or rope
-scaling) back into maxlite's parameter layout.
+scaling) back into maxlite's parameter layout. A Mixture of Experts with every
+layer MoE and no shared expert (maxlite.model.moe) is a Mixtral: it exports to
+`MixtralForCausalLM` in the classic layout (`block_sparse_moe.experts.{e}.w1`,
+w2, w3 and `block_sparse_moe.gate`, which transformers 4 and 5 both read) and
+imports back; other MoE shapes are refused with the reason.
 
 Shape legend: L layers, D hidden, N query heads, K kv heads, H head dim,
 F mlp width, V vocab.
@@ -51,6 +55,14 @@ LAYER_TENSORS = {
     'input_layernorm': (('attention_norm', 'scale'), 0),
     'post_attention_layernorm': (('mlp_norm', 'scale'), 0),
 }
+# Mixtral's MoE tensors: HF name -> (maxlite path under 'moe_blocks', in-dims), per expert
+# for the experts ({e}); the router is Mixtral's `gate`, maxlite's gate is w1.
+MOE_TENSORS = {
+    'block_sparse_moe.gate': (('mlp', 'router', 'kernel'), 1),  # [D, E] <-> [E, D]
+    'block_sparse_moe.experts.{e}.w1': (('mlp', 'gate'), 1),  # [D, F] <-> [F, D]
+    'block_sparse_moe.experts.{e}.w3': (('mlp', 'up'), 1),
+    'block_sparse_moe.experts.{e}.w2': (('mlp', 'down'), 1),  # [F, D] <-> [D, F]
+}
 # Top-level tensors: HF name -> (maxlite path, in-dims); lm_head only when untied.
 TOP_TENSORS = {
     'model.embed_tokens': (('embed', 'table'), 0),  # [V, D] in both
@@ -95,16 +107,48 @@ def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str = 'float32') -> dict[s
   # The true vocabulary only: the padding rows are maxlite's (config.padded_vocab_size).
   host = state_lib.resize_vocab(jax.tree.map(np.asarray, params), state_lib.abstract_model(cfg)[2],
                                 cfg.vocab_size)
+  check_exportable(cfg, host)
   tensors = {}
   for name, (path, in_dims) in TOP_TENSORS.items():
     if name == 'lm_head' and cfg.tie_embeddings:
       continue
     tensors[f'{name}.weight'] = _to_hf(_get(host, path).astype(cast), in_dims)
-  for layer in range(cfg.num_layers):
-    for name, (path, in_dims) in LAYER_TENSORS.items():
-      stacked = _get(host['blocks'], path)
-      tensors[f'model.layers.{layer}.{name}.weight'] = _to_hf(stacked[layer].astype(cast), in_dims)
+  for name, (path, in_dims, index) in _layer_tensors(cfg).items():
+    tensors[name] = _to_hf(_get(host, path)[index].astype(cast), in_dims)
   return tensors
+
+
+def check_exportable(cfg: LlamaConfig, params=None):
+  """ValueError unless the model is a Llama, or an MoE that Mixtral represents."""
+  if not cfg.num_experts:
+    return
+  why = []
+  if cfg.moe_every != 1:
+    why.append(f'model.moe_every={cfg.moe_every} (Mixtral has MoE in every layer)')
+  if cfg.moe_shared_expert_size:
+    why.append(f'model.moe_shared_expert_size={cfg.moe_shared_expert_size} (Mixtral has no shared expert)')
+  if params is not None and np.any(np.asarray(params['moe_blocks']['mlp']['bias']) != 0):
+    why.append('a non-zero router bias from model.moe_bias_update_rate (Mixtral routes without one)')
+  if why:
+    raise ValueError(f'this Mixture of Experts has no transformers equivalent: {"; ".join(why)}')
+
+
+def _layer_tensors(cfg: LlamaConfig) -> dict:
+  """HF name -> (maxlite path, in-dims, index into the stacked parameter) of every per-layer tensor."""
+  out = {}
+  stack = 'moe_blocks' if cfg.num_experts else 'blocks'
+  for layer in range(cfg.num_layers):
+    prefix = f'model.layers.{layer}'
+    for name, (path, in_dims) in LAYER_TENSORS.items():
+      if cfg.num_experts and name.startswith('mlp.'):
+        continue
+      out[f'{prefix}.{name}.weight'] = ((stack, *path), in_dims, (layer,))
+    if cfg.num_experts:
+      for name, (path, in_dims) in MOE_TENSORS.items():
+        for e in range(cfg.num_experts if '{e}' in name else 1):
+          index = (layer, e) if '{e}' in name else (layer,)
+          out[f'{prefix}.{name.format(e=e)}.weight'] = (('moe_blocks', *path), in_dims, index)
+  return out
 
 
 def _numpy_dtype(dtype: str):
@@ -125,6 +169,12 @@ def hf_config(cfg: LlamaConfig, max_seq_len: int, tokenizer, dtype: str) -> dict
     token_id = getattr(tokenizer, name, -1) if tokenizer is not None else -1
     return token_id if token_id >= 0 else None
 
+  moe = {}
+  if cfg.num_experts:  # Mixtral: the experts' width is its intermediate_size
+    moe = {'architectures': ['MixtralForCausalLM'], 'model_type': 'mixtral',
+           'intermediate_size': cfg.moe_intermediate_size or cfg.intermediate_size,
+           'num_local_experts': cfg.num_experts, 'num_experts_per_tok': cfg.experts_per_token,
+           'router_jitter_noise': 0.0, 'output_router_logits': False, 'sliding_window': None}
   return {
       'architectures': ['LlamaForCausalLM'],
       'model_type': 'llama',
@@ -153,6 +203,7 @@ def hf_config(cfg: LlamaConfig, max_seq_len: int, tokenizer, dtype: str) -> dict
       'use_cache': True,
       'torch_dtype': dtype,  # transformers < 5
       'dtype': dtype,
+      **moe,
   }
 
 
@@ -175,8 +226,8 @@ def model_overrides(hf_dir) -> dict:
   path = pathlib.Path(hf_dir) / 'config.json'
   hf = _read_json(path)
   unsupported = []
-  if hf.get('model_type') != 'llama':
-    unsupported.append(f"model_type={hf.get('model_type')!r} (only 'llama')")
+  if hf.get('model_type') not in ('llama', 'mixtral'):
+    unsupported.append(f"model_type={hf.get('model_type')!r} (only 'llama' and 'mixtral')")
   if hf.get('hidden_act', 'silu') != 'silu':
     unsupported.append(f"hidden_act={hf['hidden_act']!r} (only 'silu')")
   for key in ('attention_bias', 'mlp_bias'):
@@ -193,7 +244,12 @@ def model_overrides(hf_dir) -> dict:
               'intermediate_size'):
     if not isinstance(hf.get(key), int):
       raise ValueError(f'{path} has no integer {key}')
+  moe = {}
+  if hf.get('model_type') == 'mixtral':
+    moe = {'num_experts': hf.get('num_local_experts', 8), 'experts_per_token': hf.get('num_experts_per_tok', 2),
+           'moe_intermediate_size': hf['intermediate_size'], 'moe_every': 1, 'moe_shared_expert_size': 0}
   return {
+      **moe,
       'vocab_size': hf['vocab_size'],
       'hidden_size': hf['hidden_size'],
       'num_layers': hf['num_hidden_layers'],
@@ -213,8 +269,17 @@ def check_config(hf_dir, cfg: LlamaConfig):
   theirs = model_overrides(hf_dir)
   keys = dict(FIELDS)
   path = pathlib.Path(hf_dir) / 'config.json'
-  mismatches = [f'model.{field}={getattr(cfg, field)} but {path} has {keys[field]}={value}'
-                for field, value in theirs.items() if getattr(cfg, field) != value]
+  mismatches = []
+  if 'num_experts' in theirs:
+    # Every layer is MoE: the dense width is unused; the experts' is Mixtral's intermediate_size.
+    width = theirs.pop('moe_intermediate_size')
+    del theirs['intermediate_size']
+    if (cfg.moe_intermediate_size or cfg.intermediate_size) != width:
+      mismatches.append(f'model.moe_intermediate_size={cfg.moe_intermediate_size} (experts '
+                        f'{cfg.moe_intermediate_size or cfg.intermediate_size} wide) but {path} '
+                        f'has intermediate_size={width}')
+  mismatches += [f'model.{field}={getattr(cfg, field)} but {path} has {keys.get(field, field)}={value}'
+                 for field, value in theirs.items() if getattr(cfg, field) != value]
   if mismatches:
     raise ValueError('; '.join(mismatches))
 
@@ -244,10 +309,9 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
   expected = {}  # HF name -> (maxlite path, in-dims, layer or None)
   for name, (path, in_dims) in TOP_TENSORS.items():
     if not (name == 'lm_head' and cfg.tie_embeddings):
-      expected[f'{name}.weight'] = (path, in_dims, None)
-  for layer in range(cfg.num_layers):
-    for name, (path, in_dims) in LAYER_TENSORS.items():
-      expected[f'model.layers.{layer}.{name}.weight'] = (('blocks', *path), in_dims, layer)
+      expected[f'{name}.weight'] = (path, in_dims, ())
+  check_exportable(cfg)
+  expected.update(_layer_tensors(cfg))
   missing = sorted(set(expected) - set(files))
   if missing:
     raise ValueError(f'{hf_dir} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}')
@@ -259,7 +323,8 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
 
   _, abstract, logical = state_lib.abstract_model(cfg)
   # Filled at the true vocabulary's size, then padded with zero rows as the model keeps it.
-  params = state_lib.resize_vocab(jax.tree.map(lambda x: np.empty(x.shape, x.dtype), abstract),
+  # Zeros: what no HF tensor fills (an MoE router's balancing bias) stays zero.
+  params = state_lib.resize_vocab(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract),
                                   logical, cfg.vocab_size)
   by_file = {}
   for name in expected:
@@ -267,18 +332,15 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
   for file, names in by_file.items():
     with safe_open(file, framework='numpy') as f:  # one tensor at a time: one copy in memory
       for name in names:
-        path, in_dims, layer = expected[name]
+        path, in_dims, index = expected[name]
         target = _get(params, path)
-        shape = target.shape[1:] if layer is not None else target.shape
+        index = index or ...
+        shape = target[index].shape
         weight = f.get_tensor(name)
         want = _hf_shape(shape, in_dims)
         if weight.shape != want:
           raise ValueError(f'{file}: {name} has shape {list(weight.shape)}, expected {list(want)}')
-        value = _from_hf(weight, shape, in_dims).astype(target.dtype)
-        if layer is None:
-          target[...] = value
-        else:
-          target[layer] = value
+        target[index] = _from_hf(weight, shape, in_dims).astype(target.dtype)
   return state_lib.resize_vocab(params, logical, cfg.vocab_rows)
 
 

@@ -19,7 +19,8 @@ from maxlite.config import MESH_AXES
 # tensor is Megatron column/row parallelism on heads, mlp and vocab (between
 # blocks it also splits the residual's length: maxlite.model.parallel);
 # pipeline splits the stacked layers into contiguous blocks, one per stage
-# (maxlite.model.pipeline).
+# (maxlite.model.pipeline); expert splits the experts of MoE layers and, like
+# data, the batch (maxlite.model.moe).
 LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     # parameter dimensions
     'vocab': ('tensor',),
@@ -30,36 +31,40 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     'mlp': ('tensor',),
     'norm': (),
     'layers': ('pipeline',),
+    'experts': ('expert',),
     # activation dimensions
-    'batch': ('data', 'fsdp'),
+    'batch': ('data', 'fsdp', 'expert'),
     'length': (),
 }
 
-# ZeRO-1: the optimizer state's 'embed' dimension is also split over `data`.
-ZERO1_RULES = {**LOGICAL_AXIS_RULES, 'embed': ('fsdp', 'data')}
+# ZeRO-1: the optimizer state's 'embed' dimension is also split over the batch
+# axes that replicate the weight (`expert` is already taken by expert weights).
+ZERO1_RULES = {**LOGICAL_AXIS_RULES, 'embed': ('fsdp', 'data', 'expert')}
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   """A mesh over all devices, process by process; later axes vary fastest.
 
   Devices are ordered by process, then id, and the axes pipeline, data, fsdp,
-  tensor are laid out outermost first. So with several hosts the outer axes
-  (pipeline, then data, then fsdp) are the ones that cross hosts, and a tensor
-  group stays within a host as long as `tensor` divides the devices per host.
-  Pipeline stages exchange only one micro-batch's activations per iteration,
-  point to point, which is why they are the first to cross hosts.
+  expert, tensor are laid out outermost first. So with several hosts the outer
+  axes (pipeline, then data, then fsdp) are the ones that cross hosts, and a
+  tensor group stays within a host as long as `tensor` divides the devices per
+  host; an expert group (expert x tensor devices, which exchange tokens in
+  every MoE layer) as long as expert x tensor does. Pipeline stages exchange
+  only one micro-batch's activations per iteration, point to point, which is
+  why they are the first to cross hosts. Axes missing from `sizes` are 1.
   """
   devices = jax.devices() if devices is None else devices
   devices = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)))
   layout = ('pipeline', *(axis for axis in MESH_AXES if axis != 'pipeline'))
-  devices = devices.reshape(tuple(sizes[axis] for axis in layout))
+  devices = devices.reshape(tuple(sizes.get(axis, 1) for axis in layout))
   devices = np.moveaxis(devices, 0, MESH_AXES.index('pipeline'))
   return Mesh(devices, MESH_AXES)
 
 
-def tensor_crosses_processes(mesh: Mesh) -> bool:
-  """Whether some tensor-parallel group has devices in more than one process."""
-  groups = np.moveaxis(mesh.devices, mesh.axis_names.index('tensor'), -1).reshape(-1, mesh.shape['tensor'])
+def tensor_crosses_processes(mesh: Mesh, axis: str = 'tensor') -> bool:
+  """Whether some group along `axis` (tensor-parallel by default) has devices in more than one process."""
+  groups = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), -1).reshape(-1, mesh.shape[axis])
   return any(len({d.process_index for d in group}) > 1 for group in groups)
 
 

@@ -20,6 +20,7 @@ import sys
 import jax
 
 from maxlite.config import head_dim
+from maxlite.model import moe
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched on jax's device_kind.
 # Longest key first, so 'H100 PCIe' wins over 'H100'.
@@ -46,11 +47,14 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
 
 
 def matmul_params(model) -> int:
-  """Weights that take part in a matmul per token: all but the embedding lookup."""
+  """Weights that take part in a matmul per token: all but the embedding lookup;
+  of a Mixture of Experts only the active ones (router, k experts, shared expert)."""
   hd, d = head_dim(model), model.hidden_size
   attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
   mlp = 3 * d * model.intermediate_size
-  return model.num_layers * (attention + mlp) + model.vocab_size * d  # + LM head
+  dense_layers, moe_layers = moe.layer_counts(model)
+  return (model.num_layers * attention + dense_layers * mlp + moe_layers * moe.active_params(model)
+          + model.vocab_size * d)  # + LM head
 
 
 def flops_per_token(model, seq_len: int, causal: bool = False) -> float:

@@ -479,6 +479,11 @@ class StepLog:
     line = (f'step {step:>6}/{self.train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
             f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
             f'{1e3 * record["step_time"]:.1f} ms/step')
+    if 'moe_load' in last:  # Mixture of Experts: balance loss, max/mean assignments per expert
+      record.update({k: v for k, v in last.items() if k.startswith('moe_')})
+      line += f'  balance {last["moe_balance"]:.3f}  load {last["moe_load"]:.2f}'
+      if last['moe_dropped']:
+        line += f'  dropped {100 * last["moe_dropped"]:.2f}%'
     if self.peak:
       for name, flops in (('mfu', self.flops_per_token), ('mfu_causal', self.causal_flops_per_token)):
         record[name] = metrics_lib.mfu(flops, tokens_per_second, jax.device_count(), self.peak)

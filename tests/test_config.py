@@ -9,11 +9,11 @@ import sys
 import ml_collections
 import pytest
 
-from configs import base, llama_109m, tiny
+from configs import base, llama_109m, moe_1b, moe_tiny, tiny
 from maxlite.config import ConfigError, mesh_shape, validate
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m}
+CONFIGS = {'base': base, 'tiny': tiny, 'llama_109m': llama_109m, 'moe_tiny': moe_tiny, 'moe_1b': moe_1b}
 
 # The snapshot of every knob; adding or removing one must be a deliberate edit here.
 BASE_KEYS = [
@@ -25,14 +25,17 @@ BASE_KEYS = [
     'data.worker_count',
     'distributed.heartbeat_timeout_s', 'distributed.init_timeout_s', 'distributed.mode',
     'logging.peak_flops_per_device', 'logging.tensorboard',
-    'model.attention', 'model.compute_dtype', 'model.head_dim', 'model.hidden_size',
-    'model.init_std', 'model.intermediate_size', 'model.max_seq_len', 'model.norm_eps',
-    'model.num_heads', 'model.num_kv_heads', 'model.num_layers', 'model.param_dtype',
+    'model.attention', 'model.compute_dtype', 'model.experts_per_token', 'model.head_dim',
+    'model.hidden_size', 'model.init_std', 'model.intermediate_size', 'model.max_seq_len',
+    'model.moe_balance_loss_weight', 'model.moe_bias_update_rate', 'model.moe_capacity_factor',
+    'model.moe_dispatch', 'model.moe_every', 'model.moe_intermediate_size',
+    'model.moe_router_z_loss_weight', 'model.moe_shared_expert_size', 'model.norm_eps',
+    'model.num_experts', 'model.num_heads', 'model.num_kv_heads', 'model.num_layers', 'model.param_dtype',
     'model.remat', 'model.rope_theta', 'model.scan_layers', 'model.tie_embeddings',
     'model.vocab_size', 'model.z_loss_weight',
     'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
     'optim.grad_clip', 'optim.grad_reduce_dtype', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
-    'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
+    'parallel.data', 'parallel.expert', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
     'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
@@ -121,10 +124,11 @@ BROKEN = [
     ({'parallel.fsdp': 0}, 8, r'parallel\.fsdp=0 must be >= 1 or -1'),
     ({'parallel.tensor': -2}, 8, r'parallel\.tensor=-2 must be >= 1 or -1'),
     ({'parallel.fsdp': 3}, 8, r'8 devices are not divisible by the fixed axes product 3 '
-                              r'\(data=-1, fsdp=3, tensor=1, pipeline=1\)'),
-    ({'parallel.data': 2, 'parallel.fsdp': 3}, 8, r'data\*fsdp\*tensor\*pipeline = 6 '
-                                                  r'\(data=2, fsdp=3, tensor=1, pipeline=1\) but there are 8 devices'),
-    ({'parallel.data': 2}, 1, r'data\*fsdp\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
+                              r'\(data=-1, fsdp=3, expert=1, tensor=1, pipeline=1\)'),
+    ({'parallel.data': 2, 'parallel.fsdp': 3}, 8,
+     r'data\*fsdp\*expert\*tensor\*pipeline = 6 '
+     r'\(data=2, fsdp=3, expert=1, tensor=1, pipeline=1\) but there are 8 devices'),
+    ({'parallel.data': 2}, 1, r'data\*fsdp\*expert\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
     # checks on the resolved mesh
     ({'parallel.tensor': 8}, 8, r'parallel\.tensor=8 does not divide model\.num_heads=4'),
     ({'parallel.tensor': 4, 'model.num_heads': 8, 'model.num_kv_heads': 2}, 8,
@@ -136,9 +140,20 @@ BROKEN = [
     ({'parallel.fsdp': 8, 'model.hidden_size': 132, 'model.num_heads': 2, 'model.num_kv_heads': 2}, 8,
      r'parallel\.fsdp=8 does not divide model\.hidden_size=132'),
     ({'train.micro_batch_size': 12, 'train.grad_accum_steps': 2}, 8,
-     r'train\.micro_batch_size=12 \(global batch 24\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
+     r'train\.micro_batch_size=12 \(global batch 24\) is not divisible by parallel\.data\*parallel\.fsdp\*parallel\.expert=8'),
     ({'train.micro_batch_size': 6, 'parallel.fsdp': 4}, 8,
-     r'train\.micro_batch_size=6 \(global batch 6\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
+     r'train\.micro_batch_size=6 \(global batch 6\) is not divisible by parallel\.data\*parallel\.fsdp\*parallel\.expert=8'),
+    # Mixture of Experts
+    ({'parallel.expert': 2}, 8, r'parallel\.expert=2 splits experts, but model\.num_experts=0'),
+    ({'model.num_experts': 4, 'model.experts_per_token': 5}, 8,
+     r'model\.experts_per_token=5 must be in \[1, model\.num_experts=4\]'),
+    ({'model.num_experts': 6, 'parallel.expert': 4}, 8, r'parallel\.expert=4 does not divide model\.num_experts=6'),
+    ({'model.num_experts': 4, 'model.moe_every': 3}, 8,
+     r'model\.moe_every=3 must be >= 1 and divide model\.num_layers=4'),
+    ({'model.num_experts': 4, 'model.moe_dispatch': 'ring'}, 8,
+     r"model\.moe_dispatch='ring' is not one of \('gather', 'all_to_all'\)"),
+    ({'model.num_experts': 4, 'model.moe_capacity_factor': 1.25}, 8,
+     r"model\.moe_capacity_factor=1\.25 needs model\.moe_dispatch='all_to_all'"),
 ]
 
 
@@ -166,14 +181,14 @@ def test_edges_that_are_allowed(overrides):
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_shipped_configs_validate(name, num_devices):
   sizes = validate(CONFIGS[name].get_config(), num_devices)
-  assert sizes == {'data': num_devices, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}
+  assert sizes == {'data': num_devices, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'pipeline': 1}
 
 
 @pytest.mark.parametrize('parallel, num_devices, expected', [
-    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),
-    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1)),
-    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 4, 1)),
-    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),  # no -1 at all
+    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),
+    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1, 1)),
+    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),  # no -1 at all
 ])
 def test_mesh_shape_resolves_the_free_axis(parallel, num_devices, expected):
   config = base_with({f'parallel.{axis}': size for axis, size in parallel.items()})
@@ -184,7 +199,7 @@ def test_config_surface_is_snapshotted():
   assert flat_keys(base.get_config()) == BASE_KEYS
 
 
-@pytest.mark.parametrize('name', ['tiny', 'llama_109m'])
+@pytest.mark.parametrize('name', ['tiny', 'llama_109m', 'moe_tiny', 'moe_1b'])
 def test_variants_only_change_values(name):
   assert flat_keys(CONFIGS[name].get_config()) == flat_keys(base.get_config())
 

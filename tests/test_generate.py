@@ -109,6 +109,17 @@ def test_kv_cache_decoding_equals_full_recompute(scan_layers, small_sampler):
   assert greedy_tokens(sampler).tolist() == want_tokens
 
 
+def test_moe_sampler_equals_full_recompute():
+  """An MoE (a dense layer, then one of 4 experts top-2 with a shared expert)
+  decodes through the sampler on the tensor mesh as the whole forward pass does."""
+  cfg = small_config(num_experts=4, experts_per_token=2, moe_intermediate_size=16, moe_every=2,
+                     moe_shared_expert_size=16)
+  params = random_params(cfg, seed=2)
+  want_tokens, _ = full_recompute(cfg, params, PROMPTS, NUM_NEW)
+  sampler = gen.Sampler(cfg, params, gen.tensor_mesh(cfg), max_seq_len=64)
+  assert greedy_tokens(sampler).tolist() == want_tokens
+
+
 def test_rows_stop_at_eos_and_the_rest_go_on(small_sampler):
   tokens = greedy_tokens(small_sampler)
   eos = int(tokens[0, 3])

@@ -299,3 +299,45 @@ def test_a_run_starts_from_imported_weights(untied_run, exported, tmp_path):
                                         r'config\.json has num_hidden_layers=2'):
     train(config)
   assert not (tmp_path / 'mismatch').exists()
+
+
+def test_mixtral_export_matches_transformers_and_imports_back(tmp_path):
+  """An MoE (every layer, top-2 of 4) exports as MixtralForCausalLM with the same
+  logits, imports back to the same parameters; MoE shapes Mixtral lacks are refused."""
+  config = run_config(tmp_path / 'run', tie_embeddings=False, num_experts=4, experts_per_token=2,
+                      moe_intermediate_size=32)
+  cfg = LlamaConfig.from_config(config.model)
+  rng = np.random.default_rng(2)
+
+  def draw(path, x):
+    if 'scale' in jax.tree_util.keystr(path):
+      return rng.uniform(0.5, 1.5, x.shape).astype(x.dtype)
+    if 'bias' in jax.tree_util.keystr(path):
+      return np.zeros(x.shape, x.dtype)
+    return rng.normal(0.0, cfg.init_std, x.shape).astype(x.dtype)
+
+  graphdef, abstract, logical = state_lib.abstract_model(cfg)
+  params = jax.tree_util.tree_map_with_path(draw, abstract)
+  params = state_lib.resize_vocab(state_lib.resize_vocab(params, logical, cfg.vocab_size),
+                                  logical, cfg.vocab_rows)
+  folder = hf.write_folder(tmp_path / 'hf', params, cfg, max_seq_len=SEQ_LEN)
+
+  tokens_BT = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, SEQ_LEN))
+  ours_BTV = np.asarray(nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))(
+      jnp.asarray(tokens_BT), jnp.ones_like(tokens_BT),
+      jnp.broadcast_to(jnp.arange(SEQ_LEN), tokens_BT.shape), compute_dtype=jnp.float32))
+  model = transformers.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32)
+  with torch.no_grad():
+    theirs_BTV = model(torch.tensor(tokens_BT)).logits.numpy()
+  assert theirs_BTV.std() > 0.5
+  assert np.abs(theirs_BTV - ours_BTV).max() <= 1e-4
+
+  assert hf.model_overrides(folder)['num_experts'] == 4
+  back = hf.import_params(folder, cfg)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+
+  shared = LlamaConfig.from_config(run_config(tmp_path / 'x', num_experts=4, moe_intermediate_size=32,
+                                              moe_shared_expert_size=16).model)
+  with pytest.raises(ValueError, match='moe_shared_expert_size=16 .Mixtral has no shared expert'):
+    hf.write_folder(tmp_path / 'shared', state_lib.init_params(shared, 0), shared,
+                    max_seq_len=SEQ_LEN)

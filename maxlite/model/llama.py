@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
-from maxlite.model import layers, parallel, pipeline
+from maxlite.model import layers, moe as moe_lib, parallel, pipeline
 from maxlite.model.attention import attention
 from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
@@ -61,6 +61,14 @@ class LlamaConfig:
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
   pipeline_repeats: int = 1
+  # Mixture of Experts (maxlite.model.moe); 0 experts: dense.
+  num_experts: int = 0
+  experts_per_token: int = 2
+  moe_intermediate_size: int = 0
+  moe_every: int = 1
+  moe_shared_expert_size: int = 0
+  moe_capacity_factor: float = 0.0
+  moe_dispatch: str = 'gather'
 
   @classmethod
   def from_config(cls, model, **mesh_fields) -> 'LlamaConfig':
@@ -144,18 +152,23 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
+  """Attention and an MLP: SwiGLU, or a Mixture of Experts (maxlite.model.moe) when `moe`."""
 
-  def __init__(self, cfg: LlamaConfig, *, rngs):
+  def __init__(self, cfg: LlamaConfig, *, rngs, moe: bool = False):
     norm = dict(eps=cfg.norm_eps, dtype=cfg.param_dtype, rngs=rngs)
     self.attention_norm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.attention = Attention(cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.hidden_size, **norm)
-    self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, std=cfg.init_std,
-                             dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
+    mlp = dict(std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
+    if moe:
+      self.mlp = moe_lib.MoE(moe_lib.MoeSettings.of(cfg), **mlp)
+    else:
+      self.mlp = layers.SwiGLU(cfg.hidden_size, cfg.intermediate_size, **mlp)
 
   def __call__(self, x_BtD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None,
                *, sequence_parallel: bool = False):
-    """x_BtD: the residual, split along its length over tensor when sequence_parallel.
+    """(x, cache, router statistics or None); x_BtD: the residual, split along
+    its length over tensor when sequence_parallel.
 
     Norms run on the split residual; the gather moves their compute-dtype output.
     """
@@ -164,18 +177,22 @@ class Block(nnx.Module):
         parallel.gather_sequence(self.attention_norm(x_BtD), sp), segment_ids_BT, positions_BT,
         cache, layer)
     x_BtD = x_BtD + parallel.scatter_sequence(attended_BTD, sp)
-    x_BtD = x_BtD + parallel.scatter_sequence(
-        self.mlp(parallel.gather_sequence(self.mlp_norm(x_BtD), sp)), sp)
-    return x_BtD, cache
+    h_BTD, stats = parallel.gather_sequence(self.mlp_norm(x_BtD), sp), None
+    if isinstance(self.mlp, moe_lib.MoE):
+      out_BTD, stats = self.mlp(h_BTD, segment_ids_BT != 0)
+    else:
+      out_BTD = self.mlp(h_BTD)
+    return x_BtD + parallel.scatter_sequence(out_BTD, sp), cache, stats
 
 
-def stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(cfg: LlamaConfig, rngs: nnx.Rngs, num_layers: int | None = None,
+                   moe: bool = False) -> Block:
   """num_layers Blocks as one Block whose parameters have a leading 'layers' dim."""
 
-  @nnx.split_rngs(splits=cfg.num_layers)
+  @nnx.split_rngs(splits=cfg.num_layers if num_layers is None else num_layers)
   @nnx.vmap(in_axes=0, out_axes=0)
   def create(rngs):
-    return Block(cfg, rngs=rngs)
+    return Block(cfg, rngs=rngs, moe=moe)
 
   blocks = create(rngs)
   for _, variable in nnx.iter_graph(blocks):
@@ -190,7 +207,12 @@ class Llama(nnx.Module):
     self.cfg = cfg
     self.embed = layers.Embed(cfg.vocab_size, cfg.vocab_rows, cfg.hidden_size, std=cfg.init_std,
                               dtype=cfg.param_dtype, rngs=rngs, reduce_dtype=cfg.grad_reduce_dtype)
-    self.blocks = stacked_blocks(cfg, rngs)
+    # Dense layers in `blocks`, MoE layers in `moe_blocks` (maxlite.model.moe.layer_counts).
+    num_dense, num_moe = moe_lib.layer_counts(cfg)
+    if num_dense:
+      self.blocks = stacked_blocks(cfg, rngs, num_dense)
+    if num_moe:
+      self.moe_blocks = stacked_blocks(cfg, rngs, num_moe, moe=True)
     self.final_norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, dtype=cfg.param_dtype,
                                      rngs=rngs)
     if not cfg.tie_embeddings:
@@ -201,36 +223,40 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
-    x_BTD, _, table_VD = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
+    x_BTD, _, table_VD, _ = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
     return self._whole_vocab(self._logits(x_BTD, table_VD))
 
   def token_losses(self, tokens_BT, segment_ids_BT, positions_BT, targets_BT, *,
-                   compute_dtype=jnp.float32):
-    """(cross-entropy, log-normaliser), each [B, T] float32, of predicting targets_BT.
+                   compute_dtype=jnp.float32, router_stats: bool = False):
+    """(cross-entropy, log-normaliser), each [B, T] float32, of predicting targets_BT;
+    with router_stats, also the MoE layers' maxlite.model.moe.RouterStats ([L, ...], or None).
 
     Each device computes only its vocabulary slice of the logits; they are
     never gathered (maxlite.model.parallel.cross_entropy).
     """
-    x_BTD, _, table_VD = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
-    return parallel.cross_entropy(self._logits(x_BTD, table_VD), targets_BT)
+    x_BTD, _, table_VD, stats = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None,
+                                             compute_dtype)
+    losses = parallel.cross_entropy(self._logits(x_BTD, table_VD), targets_BT)
+    return (*losses, stats) if router_stats else losses
 
   def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
     """(logits [B, T, V], cache) for tokens at positions_BT that continue what
     the cache holds: each row's tokens go into the slots named by their
     positions and see the slots up to their own. One call fills the cache with
     a (right-padded) prompt; later calls add one token per row."""
-    x_BTD, cache, table_VD = self._hidden(tokens_BT, jnp.ones_like(tokens_BT), positions_BT, cache,
-                                          compute_dtype)
+    x_BTD, cache, table_VD, _ = self._hidden(tokens_BT, jnp.ones_like(tokens_BT), positions_BT,
+                                             cache, compute_dtype)
     return self._whole_vocab(self._logits(x_BTD, table_VD)), cache
 
   def _hidden(self, tokens_BT, segment_ids_BT, positions_BT, cache, compute_dtype):
     """(the final norm's output [B, T, D] on every tensor rank, the cache, the
-    gathered table when tied: both ends use one copy, and one gradient sum)."""
+    gathered table when tied: both ends use one copy, and one gradient sum,
+    the MoE layers' router statistics or None)."""
     sp = cache is None and tokens_BT.shape[1] % parallel.axis_size('tensor') == 0
     table_VD = self.embed.gather(compute_dtype) if self.cfg.tie_embeddings else None
     x_BtD = parallel.scatter_sequence(self.embed(tokens_BT, compute_dtype, table_VD), sp)
-    x_BtD, cache = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, cache, sp)
-    return parallel.gather_sequence(self.final_norm(x_BtD), sp), cache, table_VD
+    x_BtD, cache, stats = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, cache, sp)
+    return parallel.gather_sequence(self.final_norm(x_BtD), sp), cache, table_VD, stats
 
   def _logits(self, x_BTD, table_VD):
     """This device's vocabulary slice of the logits, float32 (or float64), padding masked."""
@@ -244,35 +270,77 @@ class Llama(nnx.Module):
     return parallel.gather_vocab(logits_BTv)[..., :self.cfg.vocab_size]
 
   def _run_blocks(self, x_BtD, segment_ids_BT, positions_BT, cache, sp):
-    graphdef, stacked = nnx.split(self.blocks)
+    graphdefs, stacks = {}, {}
+    for name in STACKS:
+      if hasattr(self, name):
+        graphdefs[name], stacks[name] = nnx.split(getattr(self, name))
     if cache is None and self.cfg.pipeline_stages > 1:
       def run_layers(layers, x_btD, segment_ids_bT, positions_bT):
-        return _run_layers(graphdef, self.cfg, layers, x_btD, segment_ids_bT, positions_bT, None,
-                           sp)[0]
-      return pipeline.run(run_layers, stacked, x_BtD, segment_ids_BT, positions_BT,
-                          self.cfg.pipeline_schedule), None
-    return _run_layers(graphdef, self.cfg, stacked, x_BtD, segment_ids_BT, positions_BT, cache, sp)
+        x_btD, _, stats = _run_layers(graphdefs, self.cfg, layers, x_btD, segment_ids_bT,
+                                      positions_bT, None, sp)
+        return x_btD, stats
+      x_BtD, stats = pipeline.run(run_layers, stacks, x_BtD, segment_ids_BT, positions_BT,
+                                  self.cfg.pipeline_schedule)
+      return x_BtD, None, stats
+    return _run_layers(graphdefs, self.cfg, stacks, x_BtD, segment_ids_BT, positions_BT, cache, sp)
 
 
-def _run_layers(graphdef, cfg: LlamaConfig, stacked, x_BTD, segment_ids_BT, positions_BT, cache,
+# The stacked layers: dense blocks, and MoE blocks (maxlite.model.moe.layer_counts).
+STACKS = ('blocks', 'moe_blocks')
+
+
+def _run_layers(graphdefs, cfg: LlamaConfig, stacks, x_BTD, segment_ids_BT, positions_BT, cache,
                 sequence_parallel: bool):
-  """Runs the layers whose stacked state is `stacked` (all of them, or a pipeline stage's group)."""
-  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  """Runs the layers whose stacked states are `stacks` (all of them, or a
+  pipeline stage's group); returns (x, cache, router statistics [L_moe, ...] or None).
+
+  With MoE every n-th layer they run in groups of n, the n - 1 dense layers
+  and then the MoE one (moe_every=1: groups of one MoE layer), so one scan
+  covers both stacks.
+  """
+  per_group = cfg.moe_every if cfg.num_experts else 1
+  dense_per_group = per_group - 1 if cfg.num_experts else 1
+  groups = dict(stacks)
+  if 'moe_blocks' in stacks:
+    num_groups = jax.tree.leaves(stacks['moe_blocks'])[0].shape[0]
+    if 'blocks' in stacks:
+      groups['blocks'] = jax.tree.map(lambda w: w.reshape(num_groups, -1, *w.shape[1:]),
+                                      stacks['blocks'])
+  else:
+    num_groups = jax.tree.leaves(stacks['blocks'])[0].shape[0]
 
   # The cache rides in the carry, not in xs/ys, so that it is updated in place.
-  def one_block(carry, layer_state_and_index):
+  def one_block(carry, layer_state, layer, stack):
     x_BTD, cache = carry
-    layer_state, layer = layer_state_and_index
-    block = nnx.merge(graphdef, layer_state)
-    return block(x_BTD, segment_ids_BT, positions_BT, cache, layer,
-                 sequence_parallel=sequence_parallel), None
+    block = nnx.merge(graphdefs[stack], layer_state)
+    x_BTD, cache, stats = block(x_BTD, segment_ids_BT, positions_BT, cache, layer,
+                                sequence_parallel=sequence_parallel)
+    return (x_BTD, cache), stats
 
   if cfg.remat != 'none':
     one_block = jax.checkpoint(one_block, policy=REMAT_POLICIES[cfg.remat],
-                               prevent_cse=not cfg.scan_layers)
+                               prevent_cse=not cfg.scan_layers, static_argnums=(3,))
+
+  def one_group(carry, group_and_index):
+    group, g = group_and_index
+    stats = None
+    if 'moe_blocks' not in group:  # dense: a group is one layer
+      carry, _ = one_block(carry, group['blocks'], g, 'blocks')
+      return carry, None
+    for j in range(dense_per_group):
+      carry, _ = one_block(carry, jax.tree.map(lambda w: w[j], group['blocks']), g * per_group + j,
+                           'blocks')
+    carry, stats = one_block(carry, group['moe_blocks'], g * per_group + per_group - 1,
+                             'moe_blocks')
+    return carry, stats
+
   if cfg.scan_layers:
-    (x_BTD, cache), _ = jax.lax.scan(one_block, (x_BTD, cache), (stacked, jnp.arange(num_layers)))
+    (x_BTD, cache), stats = jax.lax.scan(one_group, (x_BTD, cache), (groups, jnp.arange(num_groups)))
   else:  # unrolled: longer compiles, sometimes faster steps
-    for i in range(num_layers):
-      (x_BTD, cache), _ = one_block((x_BTD, cache), (jax.tree.map(lambda a: a[i], stacked), i))
-  return x_BTD, cache
+    per_group_stats = []
+    for i in range(num_groups):
+      (x_BTD, cache), stats = one_group((x_BTD, cache), (jax.tree.map(lambda a: a[i], groups), i))
+      per_group_stats.append(stats)
+    stats = None if per_group_stats[0] is None else jax.tree.map(
+        lambda *s: jnp.stack(s), *per_group_stats)
+  return x_BTD, cache, stats

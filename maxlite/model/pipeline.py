@@ -113,12 +113,15 @@ def _varying(x, axis: str):
 
 def run(run_layers: Callable, stage_layers, x_BtD, segment_ids_BT, positions_BT,
         schedule: Schedule):
-  """The blocks' forward pass through the pipeline, on this device's stage; returns x [B, t, D].
+  """The blocks' forward pass through the pipeline, on this device's stage;
+  returns (x [B, t, D], this stage's per-layer statistics summed over micro-batches, or None).
 
-  run_layers(layers, x_btD, segment_ids_bT, positions_bT) -> x_btD runs a
-  contiguous group of layers whose stacked state is `layers` (leading dim G).
-  stage_layers: this stage's layers in stage order (to_stage_order), leading
-  dim R G.
+  run_layers(layers, x_btD, segment_ids_bT, positions_bT) -> (x_btD, stats)
+  runs a contiguous group of layers whose stacked state is `layers` (leading
+  dim G); stats: a pytree of per-layer sums with leading dim G (the MoE
+  router's), or None. stage_layers: this stage's layers in stage order
+  (to_stage_order), leading dim R G. The returned statistics are in the same
+  stage order, leading dim R G.
   """
   num_stages, num_micro, num_repeats = schedule.stages, schedule.microbatches, schedule.repeats
   stage = parallel.axis_index('pipeline')
@@ -129,24 +132,38 @@ def run(run_layers: Callable, stage_layers, x_BtD, segment_ids_BT, positions_BT,
   to_next_stage = [(p, (p + 1) % num_stages) for p in range(num_stages)]
 
   def iteration(carry, i):
-    state_btD, queue_MbtD = carry
+    (state_btD, queue_MbtD), stats_R = carry
     item = i - stage  # r M + m of the micro-batch on this stage (< 0 or past the end: idle)
     micro = item % num_micro
     # Stage 0 takes its input from the queue (new micro-batches, or returning ones).
     x_btD = jnp.where(stage == 0, queue_MbtD[i % num_micro], state_btD)
     repeat = jnp.clip(item // num_micro, 0, num_repeats - 1)
     layers = jax.tree.map(lambda w: w[repeat], groups_RG)
-    out_btD = run_layers(layers, x_btD, segment_ids_MbT[micro], positions_MbT[micro])
+    out_btD, stats = run_layers(layers, x_btD, segment_ids_MbT[micro], positions_MbT[micro])
+    if stats is not None:  # idle iterations run on stale inputs: count only the busy ones
+      busy = (item >= 0) & (item < num_repeats * num_micro)
+      stats_R = jax.tree.map(lambda acc, s: acc.at[repeat].add(jnp.where(busy, s, 0)), stats_R, stats)
     state_btD = jax.lax.ppermute(out_btD, 'pipeline', to_next_stage)
     # On stage 0, what just arrived from the last stage is micro-batch `done`.
     done = i - (num_stages - 1)
     slot = done % num_micro
     kept_btD = jnp.where(done >= 0, state_btD, queue_MbtD[slot])  # the first P - 1 are idle output
-    return (state_btD, jax.lax.dynamic_update_index_in_dim(queue_MbtD, kept_btD, slot, 0)), None
+    queue_MbtD = jax.lax.dynamic_update_index_in_dim(queue_MbtD, kept_btD, slot, 0)
+    return ((state_btD, queue_MbtD), stats_R), None
 
   queue_MbtD = _varying(x_MbtD, 'pipeline')
   state_btD = jnp.zeros_like(queue_MbtD[0])
-  (_, queue_MbtD), _ = jax.lax.scan(iteration, (state_btD, queue_MbtD),
-                                    jnp.arange(schedule.iterations))
+  # The statistics' shapes, from one group's layers (traced only for its shapes).
+  stats_shapes = jax.eval_shape(lambda: run_layers(jax.tree.map(lambda w: w[0], groups_RG),
+                                                   queue_MbtD[0], segment_ids_MbT[0],
+                                                   positions_MbT[0])[1])
+  # Typed as varying over every mesh axis, as whatever the layers return may be.
+  manual = tuple(sorted(jax.sharding.get_abstract_mesh().manual_axes))
+  stats_R = jax.tree.map(
+      lambda s: jax.lax.pcast(jnp.zeros((num_repeats, *s.shape), s.dtype), manual, to='varying'),
+      stats_shapes)
+  ((_, queue_MbtD), stats_R), _ = jax.lax.scan(iteration, ((state_btD, queue_MbtD), stats_R),
+                                               jnp.arange(schedule.iterations))
   out_MbtD = jax.lax.psum(jnp.where(stage == 0, queue_MbtD, 0), 'pipeline')
-  return out_MbtD.reshape(x_BtD.shape)
+  stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats_R)
+  return out_MbtD.reshape(x_BtD.shape), stats
