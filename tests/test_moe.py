@@ -9,11 +9,12 @@ import pytest
 from flax import nnx
 
 from configs import base
-from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
+from maxlite import config as config_lib, hlo, mesh as mesh_lib, metrics as metrics_lib, optim
+from maxlite import state as state_lib, step as step_lib
 from maxlite.model import moe
 from maxlite.model.llama import LlamaConfig
 
-SEQ_LEN, BATCH, STEPS = 16, 16, 2
+SEQ_LEN, BATCH = 16, 16
 
 
 # -- the layer against a per-expert loop in float64 --------------------------------------
@@ -117,16 +118,27 @@ def test_layer_matches_per_expert_loop(k, shared, capacity_factor):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), grads, grads_ref)
 
 
+def test_flops_count_active_parameters_only():
+  config = base.get_config()
+  model = config.model
+  dense = metrics_lib.matmul_params(model)
+  # 8 experts of half the dense width, top-2: the dense MLP's matmuls plus the router's.
+  model.num_experts, model.experts_per_token, model.moe_intermediate_size = 8, 2, model.intermediate_size // 2
+  assert metrics_lib.matmul_params(model) == dense + model.num_layers * model.hidden_size * 8
+  model.moe_every, model.moe_shared_expert_size = 2, 64  # half the layers, plus a gated shared expert
+  per_layer = model.hidden_size * 8 + 3 * model.hidden_size * 64 + model.hidden_size
+  assert metrics_lib.matmul_params(model) == dense + model.num_layers // 2 * per_layer
+
+
 # -- expert parallelism against one device ---------------------------------------------------
 
 def small_config(**parallel):
   config = base.get_config()
   model = config.model
-  model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads = 32, 2, 4, 2
+  model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads = 32, 4, 4, 2
   model.intermediate_size, model.max_seq_len = 64, SEQ_LEN
   model.num_experts, model.experts_per_token, model.moe_intermediate_size = 8, 2, 16
-  model.moe_every, model.moe_shared_expert_size = 2, 16  # one dense layer, one MoE layer
-  model.moe_bias_update_rate = 1e-3
+  model.moe_every, model.moe_shared_expert_size = 2, 16  # dense, MoE, dense, MoE
   config.train.steps, config.train.micro_batch_size = 10, BATCH
   config.optim.warmup_steps = 2
   config.parallel.data = 1
@@ -135,21 +147,21 @@ def small_config(**parallel):
 
 
 @functools.cache
-def batches():
-  rng = np.random.default_rng(0)
-  out = []
-  for _ in range(STEPS + 1):
-    tokens = rng.integers(0, 256, (BATCH, SEQ_LEN + 1), dtype=np.int32)
-    segments = np.ones((BATCH, SEQ_LEN), np.int32)
-    segments[:, -3:] = 0  # padding: neither routed statistics nor loss
-    out.append({'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': segments,
-                'positions': np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
-                'loss_mask': segments})
-  return out
+def batch():
+  tokens = np.random.default_rng(0).integers(0, 256, (BATCH, SEQ_LEN + 1), dtype=np.int32)
+  segments = np.ones((BATCH, SEQ_LEN), np.int32)
+  segments[:, -3:] = 0  # padding: neither routed statistics nor loss
+  return {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'segment_ids': segments,
+          'positions': np.broadcast_to(np.arange(SEQ_LEN, dtype=np.int32), (BATCH, SEQ_LEN)),
+          'loss_mask': segments}
 
 
 def run(config, devices=None):
-  """STEPS train steps; returns (losses, MoE metrics, gradients at the end, params at the end)."""
+  """(loss, MoE metrics, gradients) of one batch at the initial parameters: one compile per mesh.
+
+  The train step itself (and the bias update from these counts) runs in the
+  end-to-end test below, on a data x expert mesh.
+  """
   devices = jax.devices() if devices is None else devices
   sizes = config_lib.validate(config, len(devices))
   mesh = mesh_lib.make_mesh(sizes, devices)
@@ -161,22 +173,16 @@ def run(config, devices=None):
   layout = step_lib.Layout.create(mesh, logical, abstract, zero1=config.parallel.zero1,
                                   schedule=model_cfg.pipeline_schedule, batch_shape=(BATCH, SEQ_LEN))
   with jax.set_mesh(mesh):
-    graphdef, logical, state, shardings = state_lib.create_train_state(
+    graphdef, logical, state, _ = state_lib.create_train_state(
         model_cfg, tx, mesh, seed=0, zero1=config.parallel.zero1)
-    train_step = jax.jit(functools.partial(
-        step_lib.train_step, graphdef=graphdef, tx=tx,
-        schedule=optim.learning_rate_schedule(config.optim, config.train.steps), settings=settings,
-        layout=layout), out_shardings=(shardings, None), donate_argnums=0)
-    grad_fn = jax.jit(lambda p, b: step_lib.gradients(p, graphdef, b, settings, layout)[0])
-    metrics = []
-    for i in range(STEPS):
-      state, step_metrics = train_step(state, jax.device_put(batches()[i], batch_sharding))
-      metrics.append({k: float(v) for k, v in step_metrics.items()})
-    grads = grad_fn(state.params, jax.device_put(batches()[STEPS], batch_sharding))
+    placed = jax.device_put(batch(), batch_sharding)
+    compiled = jax.jit(
+        lambda p, b: step_lib.gradients(p, graphdef, b, settings, layout, with_moe=True)).lower(
+            state.params, placed).compile()
+    grads, loss, _, metrics = compiled(state.params, placed)
   grads = state_lib.resize_vocab(jax.tree.map(np.asarray, grads), logical, config.model.vocab_size)
-  params = state_lib.resize_vocab(jax.tree.map(np.asarray, state.params), logical,
-                                  config.model.vocab_size)
-  return metrics, grads, params
+  found = hlo.collectives(compiled.as_text(), dict(mesh.shape))
+  return float(loss), jax.tree.map(np.asarray, metrics), grads, found
 
 
 @functools.cache
@@ -193,20 +199,59 @@ MESHES = {
     'expert4_fsdp2': dict(expert=4, fsdp=2),
     'expert8': dict(expert=8),
     'expert2_tensor2_data2_zero1': dict(expert=2, tensor=2, data=2, zero1=True),
+    'pipeline2_expert2_data2': dict(pipeline=2, expert=2, data=2),
 }
 
 
 @pytest.mark.parametrize('name', MESHES)
 def test_expert_parallel_matches_one_device(name):
-  """Losses, auxiliary losses, load, gradients and the bias after its updates."""
-  metrics, grads, params = run(small_config(**MESHES[name]))
-  ref_metrics, ref_grads, ref_params = reference()
-  for got, want in zip(metrics, ref_metrics):
-    for key in ('loss', 'moe_balance', 'moe_router_z', 'moe_load'):
-      np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+  """Loss, auxiliary losses, tokens per expert and layer, and every gradient."""
+  loss, metrics, grads, found = run(small_config(**MESHES[name]))
+  ref_loss, ref_metrics, ref_grads, _ = reference()
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  for key in ('balance', 'router_z'):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+  np.testing.assert_array_equal(metrics['counts_LE'], ref_metrics['counts_LE'])
+  # Per MoE layer, k assignments per non-padding token.
+  np.testing.assert_array_equal(ref_metrics['counts_LE'].sum(-1), [BATCH * (SEQ_LEN - 3) * 2] * 2)
   errors = jax.tree.map(relative_error, grads, ref_grads)
   assert max(jax.tree.leaves(errors)) <= 1e-5, errors
-  bias, ref_bias = params['moe_blocks']['mlp']['bias'], ref_params['moe_blocks']['mlp']['bias']
-  assert np.any(ref_bias != 0)  # the bias moved
-  np.testing.assert_allclose(bias, ref_bias, atol=1e-7)
+  if name == 'expert8':  # the gather dispatch, as compiled
+    over_expert = [c for c in found if c.axes == ('expert',)]
+    assert not [c for c in found if c.kind == 'all-to-all']
+    # Forward: the group's tokens [B T, D] gathered, each device's sums [B T / 8, D]
+    # reduce-scattered back; backward: the transposes. Float32, once per MoE layer.
+    for kind, shape in (('all-gather', (BATCH * SEQ_LEN, 32)), ('reduce-scatter', (BATCH * SEQ_LEN // 8, 32))):
+      moved = [c for c in over_expert if c.kind == kind and shape in c.shapes]
+      assert len(moved) == 2 and all(c.dtype == 'f32' and c.runs == 2 for c in moved), (kind, moved)
+    # The gradients of the weights replicated over `expert` are summed once, outside every loop.
+    assert all(c.runs == 1 and not c.loops for c in over_expert if c.kind == 'all-reduce')
 
+# -- a run: the loss falls, the log shows the balance, a resume is exact --------------------
+
+def test_moe_tiny_trains_logs_its_balance_and_resumes_exactly(tmp_path, capsys):
+  import shutil
+
+  from configs import moe_tiny
+  from maxlite.train import train
+  config = moe_tiny.get_config()
+  config.model.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_layers=2,
+                      moe_bias_update_rate=1e-3)
+  config.data.seq_len = 64
+  config.parallel.update(data=2, expert=4)
+  config.train.update(run_dir=str(tmp_path / 'run'), steps=30, log_interval=1, eval_steps=0,
+                      micro_batch_size=16)
+  config.optim.update(warmup_steps=1, lr=3e-3)
+  config.checkpoint.interval = 15
+  straight = {h['step']: h for h in train(config) if 'loss' in h}
+  losses = [straight[s]['loss'] for s in sorted(straight)]
+  assert sum(losses[:2]) / 2 - sum(losses[-3:]) / 3 > 0.5, losses
+  assert all(1.0 <= straight[s]['moe_load'] <= 4.0 for s in straight)
+  assert 'balance ' in capsys.readouterr().out
+
+  resumed_dir = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'run', resumed_dir)
+  shutil.rmtree(resumed_dir / 'checkpoints' / '30')
+  config.train.run_dir = str(resumed_dir)
+  resumed = {h['step']: h['loss'] for h in train(config) if 'loss' in h}
+  assert resumed == {s: straight[s]['loss'] for s in range(16, 31)}
