@@ -89,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   parallel.data = -1  # one axis may be -1: it takes the remaining devices
   parallel.fsdp = 1
   parallel.tensor = 1
+  parallel.context = 1  # splits every row along its length (long context); see README
   parallel.pipeline = 1  # stages; the blocks' layers are split between them
   # Micro-batches that each micro-step's batch is split into for the pipeline; 0: one per stage.
   parallel.pipeline_microbatches = 0

@@ -9,7 +9,7 @@ import ml_collections
 
 from maxlite.model import remat  # the policy table only, not the model
 
-MESH_AXES = ('data', 'fsdp', 'tensor', 'pipeline')
+MESH_AXES = ('data', 'fsdp', 'context', 'tensor', 'pipeline')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
@@ -43,7 +43,7 @@ def mesh_shape(parallel, num_devices: int) -> dict[str, int]:
     sizes[free[0]] = num_devices // fixed
   product = math.prod(sizes.values())
   _require(product == num_devices,
-           f'parallel: data*fsdp*tensor*pipeline = {product} ({_fmt(sizes)}) '
+           f'parallel: {"*".join(MESH_AXES)} = {product} ({_fmt(sizes)}) '
            f'but there are {num_devices} devices')
   return sizes
 
@@ -143,6 +143,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(config.data.seq_len % tensor == 0,
            f'parallel.tensor={tensor} does not divide data.seq_len={config.data.seq_len} '
            '(the residual stream is split along its length between blocks)')
+  _validate_context(config, sizes)
   _require(model.hidden_size % sizes['fsdp'] == 0,
            f'parallel.fsdp={sizes["fsdp"]} does not divide model.hidden_size={model.hidden_size}')
   batch_shards = sizes['data'] * sizes['fsdp']
@@ -152,6 +153,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
            f'parallel.data*parallel.fsdp={batch_shards}')
   _validate_pipeline(config, sizes)
   return sizes
+
+
+def _validate_context(config, sizes):
+  context, tensor, seq_len = sizes['context'], sizes['tensor'], config.data.seq_len
+  if context == 1:
+    return
+  # Each row is cut into 2 x context chunks (maxlite.model.context), and each
+  # device's share of it is split again over tensor between blocks.
+  _require(seq_len % (2 * context) == 0,
+           f'data.seq_len={seq_len} is not divisible by 2 x parallel.context={context} '
+           '(each row is cut into 2 x context chunks)')
+  _require(seq_len // context % tensor == 0,
+           f'parallel.tensor={tensor} does not divide data.seq_len / parallel.context = '
+           f'{seq_len // context} (the residual stream is split along its length between blocks)')
 
 
 def _validate_pipeline(config, sizes):

@@ -9,7 +9,10 @@ model's own collectives (maxlite.model.parallel) move what must cross devices
 within a micro-step. Gradients stay per device across gradient accumulation
 and are summed over `data` once per step, in optim.grad_reduce_dtype (with
 ZeRO-1 reduce-scattered, so that each device receives only the slice its
-optimizer state updates). The optimizer update then runs on the sharded
+optimizer state updates). `context` is summed over in the same place: its
+devices hold different tokens of the same rows, as `data`'s hold different
+rows, and the batch is put in its load-balanced order on the way in
+(maxlite.model.context). The optimizer update then runs on the sharded
 state outside the per-device region.
 """
 import dataclasses
@@ -23,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from maxlite import mesh as mesh_lib, optim, state as state_lib
-from maxlite.model import parallel, pipeline
+from maxlite.model import context, parallel, pipeline
 from maxlite.state import TrainState
 
 BATCH = P('batch', 'length')
@@ -88,27 +91,35 @@ def _sum_over_devices(x):
   return jax.lax.psum(x, axes) if axes else x
 
 
+def _token_axes() -> tuple[str, ...]:
+  """The mesh axes whose devices hold different tokens for the same weights."""
+  return tuple(axis for axis in ('data', 'context') if parallel.axis_size(axis) > 1)
+
+
 def _sum_over_data(grad, spec: P, reduce_dtype: str):
-  """The step's one reduction over `data`: psum, or psum_scatter into the
-  dimension that ZeRO-1 splits over `data` as well."""
-  if parallel.axis_size('data') == 1:
+  """The step's one reduction over `data` (and `context`): psum, or psum_scatter
+  into the dimension that ZeRO-1 splits over `data` as well."""
+  if not _token_axes():
     return grad
   summed = grad.astype(reduce_dtype)
   for dim, axes in enumerate(spec):
     if axes is not None and 'data' in (axes if isinstance(axes, tuple) else (axes,)):
+      if parallel.axis_size('context') > 1:
+        summed = jax.lax.psum(summed, 'context')
       summed = jax.lax.psum_scatter(summed, 'data', scatter_dimension=dim, tiled=True)
       break
   else:
-    summed = jax.lax.psum(summed, 'data')
+    summed = jax.lax.psum(summed, _token_axes())
   return summed.astype(grad.dtype)
 
 
 def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, layout: Layout):
   """(gradient sums, cross-entropy sum, token count) on this device's shards."""
-  if parallel.axis_size('data') > 1:
+  batch = context.balance(batch)
+  if _token_axes():
     # Each device's gradients stay its own until the end of the step: their
     # one sum over `data` is below, not inside every micro-step.
-    params = jax.tree.map(lambda p: jax.lax.pcast(p, ('data',), to='varying'), params)
+    params = jax.tree.map(lambda p: jax.lax.pcast(p, _token_axes(), to='varying'), params)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
   if settings.grad_accum_steps == 1:
     (_, (ce_sum, count)), grad_sums = grad_fn(params, graphdef, batch, settings)
@@ -169,7 +180,7 @@ def eval_step(params, batch, *, graphdef, settings: StepSettings, layout: Layout
     params = {**params, 'blocks': pipeline.to_stage_order(params['blocks'], layout.schedule)}
 
   def per_device(params, batch):
-    _, (ce_sum, count) = loss_sums(params, graphdef, batch, settings)
+    _, (ce_sum, count) = loss_sums(params, graphdef, context.balance(batch), settings)
     return _sum_over_devices(ce_sum), _sum_over_devices(count)
 
   return mesh_lib.per_device(per_device, layout.mesh,

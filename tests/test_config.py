@@ -32,7 +32,7 @@ BASE_KEYS = [
     'model.vocab_size', 'model.z_loss_weight',
     'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
     'optim.grad_clip', 'optim.grad_reduce_dtype', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
-    'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
+    'parallel.context', 'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
     'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
@@ -121,10 +121,10 @@ BROKEN = [
     ({'parallel.fsdp': 0}, 8, r'parallel\.fsdp=0 must be >= 1 or -1'),
     ({'parallel.tensor': -2}, 8, r'parallel\.tensor=-2 must be >= 1 or -1'),
     ({'parallel.fsdp': 3}, 8, r'8 devices are not divisible by the fixed axes product 3 '
-                              r'\(data=-1, fsdp=3, tensor=1, pipeline=1\)'),
-    ({'parallel.data': 2, 'parallel.fsdp': 3}, 8, r'data\*fsdp\*tensor\*pipeline = 6 '
-                                                  r'\(data=2, fsdp=3, tensor=1, pipeline=1\) but there are 8 devices'),
-    ({'parallel.data': 2}, 1, r'data\*fsdp\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
+                              r'\(data=-1, fsdp=3, context=1, tensor=1, pipeline=1\)'),
+    ({'parallel.data': 2, 'parallel.fsdp': 3}, 8, r'data\*fsdp\*context\*tensor\*pipeline = 6 '
+                                                  r'\(data=2, fsdp=3, context=1, tensor=1, pipeline=1\) but there are 8 devices'),
+    ({'parallel.data': 2}, 1, r'data\*fsdp\*context\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
     # checks on the resolved mesh
     ({'parallel.tensor': 8}, 8, r'parallel\.tensor=8 does not divide model\.num_heads=4'),
     ({'parallel.tensor': 4, 'model.num_heads': 8, 'model.num_kv_heads': 2}, 8,
@@ -139,6 +139,11 @@ BROKEN = [
      r'train\.micro_batch_size=12 \(global batch 24\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
     ({'train.micro_batch_size': 6, 'parallel.fsdp': 4}, 8,
      r'train\.micro_batch_size=6 \(global batch 6\) is not divisible by parallel\.data\*parallel\.fsdp=8'),
+    # context parallelism
+    ({'parallel.context': 8, 'data.seq_len': 40}, 8,
+     r'data\.seq_len=40 is not divisible by 2 x parallel\.context=8'),
+    ({'parallel.context': 2, 'parallel.tensor': 4, 'model.num_heads': 8, 'data.seq_len': 36}, 8,
+     r'parallel\.tensor=4 does not divide data\.seq_len / parallel\.context = 18'),
 ]
 
 
@@ -166,14 +171,15 @@ def test_edges_that_are_allowed(overrides):
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_shipped_configs_validate(name, num_devices):
   sizes = validate(CONFIGS[name].get_config(), num_devices)
-  assert sizes == {'data': num_devices, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}
+  assert sizes == {'data': num_devices, 'fsdp': 1, 'context': 1, 'tensor': 1, 'pipeline': 1}
 
 
 @pytest.mark.parametrize('parallel, num_devices, expected', [
-    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),
-    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1)),
-    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 4, 1)),
-    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 2, 1)),  # no -1 at all
+    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),
+    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1, 1)),
+    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),  # no -1 at all
+    ({'data': -1, 'context': 4}, 8, (2, 1, 4, 1, 1)),
 ])
 def test_mesh_shape_resolves_the_free_axis(parallel, num_devices, expected):
   config = base_with({f'parallel.{axis}': size for axis, size in parallel.items()})

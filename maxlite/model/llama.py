@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
-from maxlite.model import layers, parallel, pipeline
+from maxlite.model import context, layers, parallel, pipeline
 from maxlite.model.attention import attention
 from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
@@ -130,9 +130,9 @@ class Attention(nnx.Module):
     q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
     k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
     v_BTKH = self.v(x_BTD)
-    if cache is None:
-      out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
-                           causal=True, backend=self.backend)
+    if cache is None:  # with context parallelism, to the whole row's keys (maxlite.model.context)
+      out_BTNH = context.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                                   backend=self.backend)
     else:
       cache = cache.write(layer, k_BTKH, v_BTKH, positions_BT)
       batch, slots = cache.k_LBSKH.shape[1:3]
