@@ -164,6 +164,9 @@ def _validate_context(config, sizes):
   _require(seq_len % (2 * context) == 0,
            f'data.seq_len={seq_len} is not divisible by 2 x parallel.context={context} '
            '(each row is cut into 2 x context chunks)')
+  _require(config.model.attention != 'cudnn',
+           f"model.attention='cudnn' cannot take parallel.context={context} (its causal mask "
+           "assumes the queries are the keys' first tokens); use 'pallas', 'xla' or 'auto'")
   _require(seq_len // context % tensor == 0,
            f'parallel.tensor={tensor} does not divide data.seq_len / parallel.context = '
            f'{seq_len // context} (the residual stream is split along its length between blocks)')

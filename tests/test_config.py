@@ -144,6 +144,8 @@ BROKEN = [
      r'data\.seq_len=40 is not divisible by 2 x parallel\.context=8'),
     ({'parallel.context': 2, 'parallel.tensor': 4, 'model.num_heads': 8, 'data.seq_len': 36}, 8,
      r'parallel\.tensor=4 does not divide data\.seq_len / parallel\.context = 18'),
+    ({'parallel.context': 2, 'model.attention': 'cudnn'}, 8,
+     r"model\.attention='cudnn' cannot take parallel\.context=2"),
 ]
 
 

@@ -12,11 +12,15 @@ except in attention, where a query needs the keys and values of the whole row
 Attention all-gathers K and V over `context`, in the compute dtype, and each
 device attends its own queries to the whole row; the gradient of the gather
 is a reduce-scatter of dK and dV. What moves per layer is the row's K and V,
-2 K H of the 2 N H + ... numbers a token carries through attention: with
-grouped-query attention G = N / K times less than the queries would be. The
-gathered copy is not kept for the backward pass, which gathers again (as
-maxlite.model.parallel.project does fsdp-split weights), so nothing of the
-row's length stays alive between layers whatever `model.remat` is. A ring
+2 K H numbers a token: with grouped-query attention G = N / K times less than
+the queries would be, and per device (CP - 1) / CP of it, while the
+attention work per device falls as 1 / CP only in T (it is T^2 / CP), so the
+gather's share of the step shrinks as rows grow. Nothing of the row's length
+is kept for the backward pass: the attention, gather included, is
+rematerialised from this device's q, k, v (Megatron's selective recompute of
+core attention), which gathers again, as maxlite.model.parallel.project does
+fsdp-split weights. So per-device activations are O(T / CP) whatever
+`model.remat` is, at the price of running the attention's forward twice. A ring
 (K/V blocks passed from device to device, each step overlapped with one
 block of attention) moves the same bytes but hides them behind compute; it
 needs the attention split into CP partial softmaxes merged by their
@@ -54,13 +58,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from maxlite.model import attention as attention_lib, parallel
 
 AXIS = 'context'
-# The remat name of the gathered K and V: never saved for the backward pass.
-GATHERED_KV = 'context_kv'
 
 
 # -- the layout, on whole rows (host or device): for tests and benchmarks ----------------
@@ -162,11 +163,14 @@ def attention(q_BtNH, k_BtKH, v_BtKH, segment_ids_Bt, positions_Bt, *, backend: 
   return _attend_to_row(q_BtNH, k_BtKH, v_BtKH, segment_ids_Bt, backend)
 
 
+# Saves only its inputs: anything the attention computed from the gathered row
+# (the row's K and V themselves, or a cast or reshape of them; the xla
+# backend's [B, N, t, T] probabilities) is computed again in the backward pass.
 @functools.partial(jax.checkpoint, static_argnums=(4,),
-                   policy=jax.checkpoint_policies.save_anything_except_these_names(GATHERED_KV))
+                   policy=jax.checkpoint_policies.nothing_saveable)
 def _attend_to_row(q_BtNH, k_BtKH, v_BtKH, segment_ids_Bt, backend):
   batch, length = segment_ids_Bt.shape
-  k_BTKH, v_BTKH = (checkpoint_name(gather_row(x), GATHERED_KV) for x in (k_BtKH, v_BtKH))
+  k_BTKH, v_BTKH = gather_row(k_BtKH), gather_row(v_BtKH)
   kv_segment_ids_BT = gather_row(segment_ids_Bt)
   row_length = kv_segment_ids_BT.shape[1]
   indices_Bt = jnp.broadcast_to(token_indices(length), (batch, length))
