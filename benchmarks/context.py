@@ -7,10 +7,13 @@ the bytes each device sends per step against the least it must.
 Throughput table: a small model (hidden 256, 4 query and 2 key/value heads,
 --layers layers, float32, xla attention, no remat), one packed row per step
 on CP devices (context=CP, nothing else split), the train step run --steps
-times after one warm-up. The fake devices share the host's cores, so CP > 1
-cannot run faster here: what the table shows is the price of the layout
-(the reorder, the gathers, the recomputed attention) at equal total work, and
-the temporaries per device (compiled.memory_analysis), which fall as T / CP.
+times after one warm-up. The fake devices share the host's cores, and each
+runs its program on its own thread, so CP devices can use up to CP cores
+where one device uses about one: tokens/s here says whether the layout's
+extra work (the reorder, the gathers, the recomputed attention forward)
+costs more than that, not what a GPU would gain. The temporaries per device
+(compiled.memory_analysis) are the number that carries over: they should
+fall as T / CP.
 
 Bytes table: llama_109m's widths (benchmarks/collectives.py's model, with 4
 key/value heads, so grouped-query), bfloat16 compute, the train step compiled

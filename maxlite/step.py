@@ -62,6 +62,9 @@ class Layout:
     param_specs = specs(mesh_lib.LOGICAL_AXIS_RULES)
     grad_specs = specs(mesh_lib.ZERO1_RULES) if zero1 else param_specs
     batch_spec = mesh_lib.logical_to_spec(BATCH, batch_shape, sizes) if batch_shape else P(('data', 'fsdp'))
+    # The per-device step reorders each device's slice of the rows (model.context):
+    # with context parallelism every row must arrive split along its length.
+    assert sizes.get('context', 1) == 1 or batch_spec[1:2] == ('context',), (batch_spec, batch_shape)
     return cls(mesh, param_specs, grad_specs, batch_spec,
                schedule if schedule and schedule.stages > 1 else None)
 
