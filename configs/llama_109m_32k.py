@@ -4,9 +4,10 @@
 
 Each GPU holds 4096 tokens of every row (chunks c and 15 - c of 16, which
 balances the causal attention work) and all-gathers the row's keys and values
-over `context` in each layer (12 x 2 x 32768 x 768 bfloat16 per step and
-direction: about 1.2 GB a GPU receives forward, and again in the backward's
-recompute). The Pallas flash kernel takes each query's place in the row, so
+over `context` in each layer: per micro-step 12 layers x K and V x 32768
+tokens x 768 (12 kv heads) in bfloat16, 7/8 of 1.2 GB received forward, the
+same again in the backward's recompute, and dK, dV reduce-scattered. The
+Pallas flash kernel takes each query's place in the row, so
 causal and document masks stay exact. 8 micro-steps of one row make a step
 of 262,144 tokens, the batch of the 512-token config (64 x 512 = 32,768) x 8.
 """

@@ -13,9 +13,9 @@ Attention all-gathers K and V over `context`, in the compute dtype, and each
 device attends its own queries to the whole row; the gradient of the gather
 is a reduce-scatter of dK and dV. What moves per layer is the row's K and V,
 2 K H numbers a token: with grouped-query attention G = N / K times less than
-the queries would be, and per device (CP - 1) / CP of it, while the
-attention work per device falls as 1 / CP only in T (it is T^2 / CP), so the
-gather's share of the step shrinks as rows grow. Nothing of the row's length
+the queries would be. A device receives (CP - 1) / CP of it, in proportion
+to T, while its attention work is T^2 / CP, so the gather's share of the
+step shrinks as rows grow. Nothing of the row's length
 is kept for the backward pass: the attention, gather included, is
 rematerialised from this device's q, k, v (Megatron's selective recompute of
 core attention), which gathers again, as maxlite.model.parallel.project does
