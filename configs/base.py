@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   # xla | cudnn | pallas (fused, skips masked tiles) | auto (pallas on GPUs, xla on CPU)
   model.attention = 'xla'
   model.scan_layers = True  # scan keeps compile time flat in depth
-  model.remat = 'none'  # none | full | save_matmuls
+  # none | full | save_matmuls | save_qkv | save_attention | offload_attention (maxlite/model/remat.py)
+  model.remat = 'none'
   model.z_loss_weight = 0.0
 
   data = config.data = ml_collections.ConfigDict()
@@ -69,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.nonfinite = 'stop'  # a NaN/inf loss: stop naming the step | skip the update
   train.max_skipped_in_a_row = 10  # nonfinite='skip': stop after this many skips in a row
   train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
+  # A persistent compilation cache: a later run of the same step loads it
+  # instead of compiling; '' off. Share it only with people you trust (it holds code).
+  train.compile_cache_dir = ''
+  # 'START:STOP': a jax.profiler trace of steps START to STOP-1 in <run_dir>/profile; '' off.
+  train.profile_steps = ''
 
   optim = config.optim = ml_collections.ConfigDict()
   optim.lr = 3e-3

@@ -104,6 +104,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
            f'train.nonfinite={train.nonfinite!r} is not one of {NONFINITE_POLICIES}')
   _require(train.max_skipped_in_a_row >= 1,
            f'train.max_skipped_in_a_row={train.max_skipped_in_a_row} must be >= 1')
+  profile_range(train.profile_steps)
   checkpoint = config.checkpoint
   for field, least in (('interval', 0), ('max_to_keep', 1), ('keep_every', 0)):
     _require(checkpoint[field] >= least, f'checkpoint.{field}={checkpoint[field]} must be >= {least}')
@@ -179,6 +180,19 @@ def _validate_pipeline(config, sizes):
   _require(config.train.micro_batch_size % (micro * batch_shards) == 0,
            f'train.micro_batch_size={config.train.micro_batch_size} is not divisible by '
            f'parallel.pipeline_microbatches={micro} x parallel.data*parallel.fsdp={batch_shards}')
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """train.profile_steps 'START:STOP' -> (START, STOP), the steps START to STOP - 1; '' -> None."""
+  if not spec:
+    return None
+  try:
+    start, stop = (int(part) for part in spec.split(':'))
+  except ValueError:
+    raise ConfigError(f"train.profile_steps={spec!r} must be 'START:STOP' (traces steps START to "
+                      "STOP-1, e.g. '10:15') or '' (off)") from None
+  _require(1 <= start < stop, f'train.profile_steps={spec!r} needs 1 <= START < STOP')
+  return start, stop
 
 
 def model_fields(config, sizes: dict[str, int]) -> dict:

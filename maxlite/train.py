@@ -21,14 +21,16 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from clu import parameter_overview
 from ml_collections import config_flags
 
 from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
-from maxlite import distributed, hf, optim, preemption, state as state_lib, step as step_lib
+from maxlite import distributed, hf, optim, preemption, profiling, state as state_lib, step as step_lib
 from maxlite import checkpoint as checkpoint_lib
+from maxlite import xla_flags
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
 from maxlite.model.attention import resolve_backend
@@ -46,11 +48,14 @@ class TrainingError(RuntimeError):
 def train(config) -> list[dict]:
   """Runs (or resumes) the configured training; returns the logged metrics."""
   # -- platform --------------------------------------------------------------
+  flags_line = xla_flags.apply(config.platform)  # XLA reads them when the backend starts
   if config.platform:
     jax.config.update('jax_platforms', config.platform)
   distributed.initialize(config.distributed)  # before anything touches a device
   if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
     jax.config.update('jax_enable_x64', True)
+  if config.train.compile_cache_dir:
+    compilation_cache.set_cache_dir(config.train.compile_cache_dir)
   mesh_sizes = config_lib.validate(config, jax.device_count())
   model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, mesh_sizes))
   try:  # the attention backend that this platform runs, resolved once
@@ -88,6 +93,7 @@ def train(config) -> list[dict]:
   device_kind = jax.devices()[0].device_kind
   writer.info(f'mesh: {dict(mesh.shape)} over {jax.device_count()} x {device_kind} '
               f'in {jax.process_count()} process(es)')
+  writer.info(flags_line)
   writer.info(f'attention: {config.model.attention} -> {model_cfg.attention} ({jax.default_backend()})')
   if model_cfg.pipeline_stages > 1:
     writer.info(model_cfg.pipeline_schedule.describe(model_cfg.num_layers))
@@ -154,14 +160,17 @@ def train(config) -> list[dict]:
         flops_per_token=metrics_lib.flops_per_token(config.model, seq_len),
         causal_flops_per_token=metrics_lib.flops_per_token(config.model, seq_len, causal=True),
         peak=metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device))
+    trace = profiling.StepTrace(train_cfg.profile_steps, run_dir)
     with preemption.StopSignal() as stop_signal:
       try:
         for step in range(start + 1, train_cfg.steps + 1):
           batch = next(batches)
+          is_last = step == train_cfg.steps
+          trace.before(step, state)
           with jax.transfer_guard(train_cfg.transfer_guard):
             state, step_metrics = train_step(state, batch)
+          trace.after(step, step_metrics, is_last)
           log.add(step_metrics)
-          is_last = step == train_cfg.steps
           at_log_step = is_last or step % train_cfg.log_interval == 0
           at_eval_step = is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)
           stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)
@@ -179,9 +188,11 @@ def train(config) -> list[dict]:
           if saving or at_log_step:
             log.start_interval()  # eval and save time are not step time
       except BaseException:
+        trace.stop()
         checkpointer.close(report_failure=False)  # the error already raised is the one to report
         raise
       else:
+        trace.stop()
         checkpointer.close()  # waits for the last save to be on disk
       finally:
         writer.close()

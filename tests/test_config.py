@@ -35,9 +35,10 @@ BASE_KEYS = [
     'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
     'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
-    'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
-    'train.log_interval', 'train.max_skipped_in_a_row', 'train.micro_batch_size',
-    'train.nonfinite', 'train.run_dir', 'train.steps', 'train.transfer_guard',
+    'train.compile_cache_dir', 'train.eval_interval', 'train.eval_steps', 'train.fresh_start',
+    'train.grad_accum_steps', 'train.log_interval', 'train.max_skipped_in_a_row',
+    'train.micro_batch_size', 'train.nonfinite', 'train.profile_steps', 'train.run_dir',
+    'train.steps', 'train.transfer_guard',
 ]
 
 
@@ -71,7 +72,8 @@ BROKEN = [
     ({'model.head_dim': 15}, 8, r'head dim 15 must be even'),
     ({'model.param_dtype': 'float16'}, 8, r"model\.param_dtype='float16' is not one of"),
     ({'model.compute_dtype': 'fp8'}, 8, r"model\.compute_dtype='fp8' is not one of"),
-    ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls'\)"),
+    ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls', "
+                                 r"'save_qkv', 'save_attention', 'offload_attention'\)"),
     ({'model.attention': 'flash'}, 8, r"model\.attention='flash' is not one of \('auto', 'xla', 'cudnn', 'pallas'\)"),
     *[({f'model.{f}': 0.0}, 8, r'model\.norm_eps, model\.init_std and model\.rope_theta must be > 0')
       for f in ('norm_eps', 'init_std', 'rope_theta')],
@@ -95,6 +97,10 @@ BROKEN = [
     ({'train.run_dir': ''}, 8, r'train\.run_dir must be set'),
     ({'train.nonfinite': 'ignore'}, 8, r"train\.nonfinite='ignore' is not one of \('stop', 'skip'\)"),
     ({'train.max_skipped_in_a_row': 0}, 8, r'train\.max_skipped_in_a_row=0 must be >= 1'),
+    ({'train.profile_steps': '10'}, 8, r"train\.profile_steps='10' must be 'START:STOP'"),
+    ({'train.profile_steps': '10:x'}, 8, r"train\.profile_steps='10:x' must be 'START:STOP'"),
+    ({'train.profile_steps': '5:5'}, 8, r"train\.profile_steps='5:5' needs 1 <= START < STOP"),
+    ({'train.profile_steps': '0:3'}, 8, r"train\.profile_steps='0:3' needs 1 <= START < STOP"),
     ({'checkpoint.max_to_keep': 0}, 8, r'checkpoint\.max_to_keep=0 must be >= 1'),
     ({'checkpoint.keep_every': -1}, 8, r'checkpoint\.keep_every=-1 must be >= 0'),
     ({'checkpoint.interval': -1}, 8, r'checkpoint\.interval=-1 must be >= 0'),
