@@ -2,13 +2,13 @@
 on the same batch from the same initial parameters.
 
     python benchmarks/train_step.py [--config=configs/tiny.py] [--config.model.attention=pallas]
-        [--backends=xla,pallas] [--nopeer] [--steps=10] [--windows=3] [--documents=1]
+        [--backends=xla,pallas] [--nopeer] [--steps=10] [--windows=3] [--documents=1] [--threads=1]
 
 Prints, per implementation: tokens/s, ms/step, MFU in both of maxlite.metrics'
 conventions (PaLM, and with attention's causal half not counted; '-' where the
 device's peak is unknown, as on CPU), peak memory (the device allocator's peak
-on GPUs, the process's peak RSS on CPU), CPU seconds (user + system) per step,
-the step-1 loss, and the speed of maxlite over the peer's.
+on GPUs, the process's peak RSS on CPU), CPU seconds (user + system) and minor
+page faults per step, the step-1 loss, and the speed of maxlite over the peer's.
 
 Each implementation runs in a process of its own, one after the other, so
 neither sees the other's thread pools, allocator or compile caches. maxlite's
@@ -48,6 +48,10 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'steps per timed window')
 _WINDOWS = flags.DEFINE_integer('windows', 3, 'timed windows; the median counts')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after the first')
 _DOCUMENTS = flags.DEFINE_integer('documents', 1, 'equal documents per row of the batch')
+_THREADS = flags.DEFINE_integer(
+    'threads', 0, 'CPU only: 1 runs each side on one thread (XLA without its Eigen pool, torch '
+    'with one intra-op thread), a comparison of work that a loaded machine does not distort; '
+    "0: each library's own default")
 _RESULTS = flags.DEFINE_string('results', '', 'append one JSON line per row to this file')
 _SIDE_TIMEOUT = flags.DEFINE_integer('side_timeout', 0, 'seconds each side may take; 0: no limit')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'check the config and print the commands; run nothing')
@@ -72,22 +76,23 @@ def make_batch(batch: int, length: int, vocab: int, documents: int, seed: int = 
 
 
 def timed_windows(step, wait, steps: int, windows: int) -> tuple[float, list[float]]:
-  """(median seconds per step, [user, system] CPU seconds per step over all windows)."""
+  """(median seconds per step, [user CPU seconds, system CPU seconds, minor page faults] per
+  step over all windows)."""
   times = []
-  cpu_start = _cpu_seconds()
+  usage_start = _usage()
   for _ in range(windows):
     start = time.perf_counter()
     for _ in range(steps):
       out = step()
     wait(out)
     times.append((time.perf_counter() - start) / steps)
-  cpu = [(end - begin) / (steps * windows) for begin, end in zip(cpu_start, _cpu_seconds())]
-  return statistics.median(times), cpu
+  usage = [(end - begin) / (steps * windows) for begin, end in zip(usage_start, _usage())]
+  return statistics.median(times), usage
 
 
-def _cpu_seconds() -> tuple[float, float]:
+def _usage() -> tuple[float, float, int]:
   usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime, usage.ru_stime
+  return usage.ru_utime, usage.ru_stime, usage.ru_minflt
 
 
 def _peak_rss_bytes() -> int:
@@ -98,6 +103,8 @@ def _peak_rss_bytes() -> int:
 
 def run_maxlite(config, workdir: pathlib.Path) -> dict:
   from maxlite import xla_flags
+  if _THREADS.value == 1:  # XLA has no thread count, only Eigen's pool on or off
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
   print(xla_flags.apply(config.platform), file=sys.stderr)  # before the backend starts, as in train.py
   import jax
   from maxlite import mesh as mesh_lib, optim, state as state_lib, step as step_lib
@@ -152,6 +159,8 @@ def run_maxlite(config, workdir: pathlib.Path) -> dict:
 def run_torch(config, workdir: pathlib.Path) -> dict:
   import torch
   from benchmarks import torch_peer
+  if _THREADS.value:
+    torch.set_num_threads(_THREADS.value)
 
   on_gpu = torch.cuda.is_available() and config.platform != 'cpu'
   device = 'cuda' if on_gpu else 'cpu'
@@ -235,11 +244,11 @@ def row(result: dict, peer: dict | None) -> str:
   versus = '-'
   if peer and 'error' not in peer and result is not peer:
     versus = f'{peer["seconds_per_step"] / result["seconds_per_step"]:.2f}'
-  user, system = result['cpu_per_step']
+  user, system, faults = result['cpu_per_step']
   return (f'| {result["impl"]:7} | {result["attention"]:9} | {result["tokens_per_second"]:10,.0f} | '
           f'{1e3 * result["seconds_per_step"]:8.2f} | {mfus[0]:>6} | {mfus[1]:>6} | '
           f'{result["peak_bytes"] / 2**20:8,.0f} {result["peak_kind"]:6} | '
-          f'{user:5.2f}+{system:4.2f} | {result["first_loss"]:.6f} | '
+          f'{user:5.3f}+{system:5.3f} | {faults:8,.0f} | {result["first_loss"]:.6f} | '
           f'{result["compile_seconds"]:9.1f} | {versus}')
 
 
@@ -253,10 +262,13 @@ def main(argv):
   model = config.model
   rows = config.train.micro_batch_size * config.train.grad_accum_steps
   config_lib.validate(config, 1)  # a mistake is one line here, not one per side
+  if _THREADS.value not in (0, 1):
+    raise app.UsageError(f'--threads={_THREADS.value} must be 0 or 1')
   print(f'{model.num_layers} layers x {model.hidden_size} wide, {model.num_heads} heads '
         f'({model.num_kv_heads} kv), vocab {model.vocab_size}; batch {rows} x {config.data.seq_len}, '
         f'{_DOCUMENTS.value} document(s) per row; compute {model.compute_dtype}, '
-        f'params {model.param_dtype}; {os.cpu_count()} CPUs')
+        f'params {model.param_dtype}; {os.cpu_count()} CPUs'
+        + ('; one thread per side' if _THREADS.value else ''))
   if _DRY_RUN.value:
     for backend in _BACKENDS.value or ['']:
       print(' '.join(side_command('maxlite', backend, 'WORKDIR')))
@@ -280,11 +292,12 @@ def main(argv):
   peer = next((r for r in everything if r['impl'] == 'torch'), None)
   device = next((r['device_kind'] for r in everything if 'device_kind' in r), '?')
   print(f'device: {device}; ms/step: median of {_WINDOWS.value} windows of {_STEPS.value} steps; '
-        'CPU s/step: user+system seconds per step; vs peer: maxlite speed / peer speed')
+        'CPU s/step: user+system seconds per step; faults: minor page faults per step; '
+        'vs peer: maxlite speed / peer speed')
   print('| impl    | attention |   tokens/s |  ms/step |    MFU | causal |        peak MiB | '
-        'CPU s/step | step-1 loss | compile s | vs peer')
+        ' CPU s/step | faults/step | step-1 loss | compile s | vs peer')
   print('|---------|-----------|------------|----------|--------|--------|-----------------|'
-        '------------|-------------|-----------|--------')
+        '-------------|-------------|-------------|-----------|--------')
   for result in everything:
     print(row(result, peer), flush=True)
 

@@ -4,7 +4,7 @@ XLA:CPU allocates each execution's temporaries anew and frees them when it
 ends; configs/tiny.py's train step has 88 MiB of them. glibc serves a request
 that large with an mmap of its own and unmaps it on free (its mmap threshold
 grows to 32 MiB at most, and a thread's arena holds at most 64 MiB), so every
-step page-faults the same memory in again: ~22,600 faults per step, about 13% of
+step page-faults the same memory in again: ~24,100 faults per step, 13-15% of
 the step's CPU time spent in the kernel (benchmarks/NOTES.md). With one arena,
 no mmap and no trimming, freed memory stays in the heap, where the next step
 finds it.
