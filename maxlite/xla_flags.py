@@ -1,9 +1,9 @@
 """The XLA flags maxlite runs with, in one place.
 
-train.py, generate.py and the benchmarks call `apply` before anything starts a
-JAX backend; the launchers (launch/) set no XLA flags of their own and rely on
-it. XLA reads XLA_FLAGS once, when the first backend starts, and aborts the
-process on a flag it does not know, so `apply`:
+train.py, generate.py, evaluate.py and benchmarks/train_step.py call `apply`
+before anything starts a JAX backend; the launchers (launch/) set no XLA flags
+of their own and rely on it. XLA reads XLA_FLAGS once, when the first backend
+starts, and aborts the process on a flag it does not know, so `apply`:
 
   1. guesses the platform the run will start: config.platform, else
      JAX_PLATFORMS, else a GPU when jax has a CUDA plugin and a GPU is visible;
