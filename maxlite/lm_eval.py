@@ -225,17 +225,19 @@ def _require_lm_eval():
 
 
 def evaluate(model: inference.Model, tasks: Sequence[str], *, include_path: str | None = None,
-             limit: float | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-             seed: int = 0) -> dict:
-  """lm-eval's results of `tasks` for a loaded model: {task: {metric: value}}, plus the
-  harness's full output under 'raw'."""
+             default_tasks: bool = True, limit: float | None = None,
+             num_fewshot: int | None = None, batch_size: int = 8, seed: int = 0,
+             log_samples: bool = False) -> dict:
+  """lm-eval's results of `tasks` for a loaded model: {'scores': {'task/metric': value},
+  'raw': the harness's output}. default_tasks False looks tasks up in include_path
+  only, which skips indexing the harness's thousands of task files (seconds)."""
   _require_lm_eval()
   import lm_eval
   from lm_eval.tasks import TaskManager
-  task_manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  task_manager = TaskManager(include_path=include_path, include_defaults=default_tasks)
   raw = lm_eval.simple_evaluate(
       model=MaxliteLM(model=model, batch_size=batch_size), tasks=list(tasks), limit=limit,
-      num_fewshot=num_fewshot, task_manager=task_manager, log_samples=False,
+      num_fewshot=num_fewshot, task_manager=task_manager, log_samples=log_samples,
       random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
       bootstrap_iters=0)
   return {'scores': scores(raw), 'raw': raw}
@@ -264,6 +266,8 @@ def main(argv=None):
   parser.add_argument('--tasks', required=True, help='comma-separated lm-eval task names')
   parser.add_argument('--step', type=int, default=None, help='default: the newest checkpoint')
   parser.add_argument('--include_path', default=None, help='a folder of task YAML files of your own')
+  parser.add_argument('--no_default_tasks', action='store_true',
+                      help="look tasks up in --include_path only, not among lm-eval's own")
   parser.add_argument('--limit', type=float, default=None,
                       help='documents per task (a fraction if < 1); default: all')
   parser.add_argument('--num_fewshot', type=int, default=None)
@@ -278,7 +282,8 @@ def main(argv=None):
     _require_lm_eval()
     model = inference.load_model(args.run_dir, args.step, compute_dtype=args.compute_dtype)
     result = evaluate(model, [t for t in args.tasks.split(',') if t], include_path=args.include_path,
-                      limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size)
+                      default_tasks=not args.no_default_tasks, limit=args.limit,
+                      num_fewshot=args.num_fewshot, batch_size=args.batch_size)
   except (ValueError, OSError, ImportError, KeyError) as error:
     print(f'error: {" ".join(str(error).split())}', file=sys.stderr)
     sys.exit(1)

@@ -178,7 +178,8 @@ def write_tasks(folder) -> str:
 def test_harness_scores_match_a_direct_computation(model, tmp_path):
   tasks = write_tasks(tmp_path / 'tasks')
   result = maxlite_lm_eval.evaluate(model, ['tiny_choice', 'tiny_rolling', 'tiny_gen'],
-                                    include_path=tasks, batch_size=4)
+                                    include_path=tasks, default_tasks=False,
+                                    batch_size=4)
   scores = result['scores']
   bos = model.tokenizer.bos_id
   correct = 0
@@ -216,7 +217,7 @@ def test_greedy_generation_follows_the_logits(lm, model):
 def test_cli_prints_scores_and_one_line_errors(run, tmp_path, capsys):
   tasks = write_tasks(tmp_path / 'tasks')
   maxlite_lm_eval.main(['--run_dir', str(run), '--tasks', 'tiny_choice', '--include_path', tasks,
-                        '--limit', '2', '--json', '--batch_size', '4'])
+                        '--limit', '2', '--json', '--batch_size', '4', '--no_default_tasks'])
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out['step'] == 3 and 0 <= out['tiny_choice/acc'] <= 1
   with pytest.raises(SystemExit):
