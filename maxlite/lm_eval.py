@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from maxlite import generate, inference
+from maxlite import generate, inference, mesh as mesh_lib
 
 _MIN_BUCKET = 16
 
@@ -254,6 +254,65 @@ def scores(raw: dict) -> dict:
         continue
       flat[f'{task}/{name.split(",")[0]}'] = float(value)
   return flat
+
+
+class TrainingHarness:
+  """train.eval_harness_tasks run on the live parameters during training.
+
+  The model runs on every device of the training mesh laid out as inference
+  lays it out: the training `tensor` axis splits heads, MLP and vocab as in
+  training, and the other devices hold whole copies (data), each scoring the
+  same rows. The parameters are copied into that layout at each call, so no
+  checkpoint is read; one inference.Model is kept, so its compiled functions
+  are reused.
+  """
+
+  def __init__(self, config, model_cfg, mesh, tokenizer, add_bos: bool):
+    _require_lm_eval()
+    train = config.train
+    self.tasks = [t.strip() for t in train.eval_harness_tasks.split(',') if t.strip()]
+    self.interval = train.eval_harness_interval or train.eval_interval
+    self.limit = train.eval_harness_limit or None
+    self.include_path = train.eval_harness_include_path or None
+    self.default_tasks = self.include_path is None or _needs_defaults(self.tasks, self.include_path)
+    self.batch_size = train.micro_batch_size
+    devices, tensor = mesh.devices.flatten(), mesh.shape['tensor']
+    self.mesh = mesh_lib.make_mesh(
+        {'data': len(devices) // tensor, 'fsdp': 1, 'tensor': tensor, 'pipeline': 1}, devices)
+    self.settings = (model_cfg, config.model.max_seq_len, config.model.compute_dtype)
+    self.tokenizer, self.add_bos, self.model = tokenizer, add_bos, None
+
+  def __call__(self, params) -> dict:
+    """{'task/metric': value} of the tasks for `params`."""
+    model_cfg, max_seq_len, compute_dtype = self.settings
+    if self.model is None:
+      sampler = generate.Sampler(model_cfg, params, self.mesh, max_seq_len=max_seq_len,
+                                 compute_dtype=compute_dtype)
+      self.model = inference.Model(-1, sampler, self.tokenizer, self.add_bos)
+    else:  # the first call's layout and dtype: nothing recompiles
+      sampler = self.model.sampler
+      self.model.sampler.params = jax.tree.map(
+          lambda p, old: jax.device_put(p, old.sharding).astype(sampler.compute_dtype),
+          params, sampler.params)
+    return evaluate(self.model, self.tasks, include_path=self.include_path,
+                    default_tasks=self.default_tasks, limit=self.limit,
+                    batch_size=self.batch_size)['scores']
+
+
+def _needs_defaults(tasks, include_path) -> bool:
+  """Whether some task is not named by a YAML file under include_path (then lm-eval's own
+  task index is needed; building it takes seconds)."""
+  import pathlib
+  import yaml
+  names = set()
+  for path in pathlib.Path(include_path).rglob('*.yaml'):
+    try:
+      entry = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+      return True
+    if isinstance(entry, dict):
+      names.update(str(entry.get(key)) for key in ('task', 'group') if entry.get(key))
+  return not set(tasks) <= names
 
 
 # -- command line ---------------------------------------------------------------------

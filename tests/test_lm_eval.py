@@ -223,3 +223,40 @@ def test_cli_prints_scores_and_one_line_errors(run, tmp_path, capsys):
   with pytest.raises(SystemExit):
     maxlite_lm_eval.main(['--run_dir', str(tmp_path / 'nope'), '--tasks', 'tiny_choice'])
   assert capsys.readouterr().err.strip().count('\n') == 0
+
+
+def test_training_runs_the_harness_and_logs_to_wandb_offline(tmp_path, monkeypatch, capsys):
+  """train.eval_harness_tasks on the live parameters of a data=4 x fsdp=2 mesh, scores
+  beside val_loss; W&B offline gets the same scalars; the log line has elapsed and ETA."""
+  from maxlite.train import train
+  monkeypatch.setenv('WANDB_MODE', 'offline')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  tasks = write_tasks(tmp_path / 'tasks')
+  config = tiny.get_config()
+  config.model.update(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_seq_len=MAX_LEN)
+  config.parallel.update(data=4, fsdp=2)
+  config.train.update(run_dir=str(tmp_path / 'run'), steps=4, log_interval=2, eval_interval=2,
+                      eval_steps=1, micro_batch_size=8, eval_harness_tasks='tiny_choice',
+                      eval_harness_interval=4, eval_harness_include_path=tasks)
+  config.checkpoint.update(interval=0, async_save=False)
+  config.optim.warmup_steps = 1
+  config.logging.update(wandb_project='maxlite-test', wandb_tags='a,b')
+  history = train(config)
+  out = capsys.readouterr().out
+  assert any('ETA 0:00' in line and 'elapsed 0:0' in line for line in out.splitlines()), out
+  records = [json.loads(line) for line in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  harness = [r for r in records if 'harness/tiny_choice/acc' in r]
+  assert [r['step'] for r in harness] == [4] and [h['step'] for h in history if 'val_loss' in h] == [2, 4]
+  assert all(r['eta_s'] >= 0 and r['elapsed_s'] > 0 for r in records if 'loss' in r)
+
+  # The harness score is the checkpoint's, scored as python -m maxlite.lm_eval scores it.
+  model = maxlite.load_model(tmp_path / 'run')
+  again = maxlite_lm_eval.evaluate(model, ['tiny_choice'], include_path=tasks, default_tasks=False,
+                                   batch_size=8)['scores']
+  assert again['tiny_choice/acc'] == harness[0]['harness/tiny_choice/acc']
+
+  # The offline W&B run, named by the id kept in the run dir, holds the same scalars.
+  run_id = (tmp_path / 'run' / 'wandb_id').read_text().strip()
+  offline = list((tmp_path / 'run' / 'wandb').glob(f'offline-run-*-{run_id}'))
+  assert len(offline) == 1 and (offline[0] / f'run-{run_id}.wandb').is_file()
