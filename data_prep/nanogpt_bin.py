@@ -16,8 +16,8 @@ EOS for nanoGPT files, BOS for the other two, or 50256, GPT-2's
 the document for nanoGPT, before it otherwise), so the records joined give
 back the file's tokens; metadata.json says so with add_eos / add_bos.
 
-Files are memory-mapped and read in blocks of _BLOCK tokens: memory is
-bounded by the block and the longest document, whatever the file size.
+Files are read in blocks of _BLOCK tokens: memory is bounded by the block
+and the longest document, whatever the file size.
 A file whose name contains 'val' goes to validation; without such files,
 documents are held out by --val_fraction (a hash of their ids) or
 --val_documents, as for text.
@@ -38,11 +38,28 @@ from maxlite.data.tokenizers import IdsTokenizer, load_tokenizer
 HEADER_INTS = 256
 MODDED_MAGIC, NEMO_MAGIC = 20240520, 278895051
 GPT2_EOT = 50256
-_BLOCK = 1 << 24  # tokens read at a time (32 MiB of uint16)
+_BLOCK = 1 << 22  # tokens read at a time (8 MiB of uint16, 32 MiB as int64)
 
 
-def open_bin(path: pathlib.Path) -> tuple[str, np.ndarray]:
-  """(layout, the file's tokens as a read-only memory map), header checked."""
+class TokenFile:
+  """The tokens of a file, read a slice at a time with plain reads: unlike a
+  memory map, nothing read stays resident (a map's touched pages count in the
+  process's memory until the kernel reclaims them)."""
+
+  def __init__(self, path: pathlib.Path, dtype: str, offset: int, count: int):
+    self.path, self.dtype, self.offset, self.count = path, np.dtype(dtype), offset, count
+
+  def __len__(self) -> int:
+    return self.count
+
+  def __getitem__(self, index: slice) -> np.ndarray:
+    start, stop, _ = index.indices(self.count)
+    return np.fromfile(self.path, self.dtype, count=max(0, stop - start),
+                       offset=self.offset + start * self.dtype.itemsize)
+
+
+def open_bin(path: pathlib.Path) -> tuple[str, TokenFile]:
+  """(layout, the file's tokens), header checked."""
   size = path.stat().st_size
   head = np.fromfile(path, '<i4', count=min(HEADER_INTS, size // 4))
   magic = int(head[0]) if len(head) else None
@@ -67,12 +84,10 @@ def open_bin(path: pathlib.Path) -> tuple[str, np.ndarray]:
       raise ValueError(f'{path}: {size:,} bytes is not a whole number of uint16 tokens, and there '
                        f'is no modded-nanogpt ({MODDED_MAGIC}) or NeMo ({NEMO_MAGIC}) header')
     layout, dtype, offset, count = 'nanogpt', '<u2', 0, size // 2
-  if not count:
-    return layout, np.zeros(0, np.uint16)
-  return layout, np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=(count,))
+  return layout, TokenFile(path, dtype, offset, count)
 
 
-def documents(tokens: np.ndarray, separator: int, separator_first: bool) -> Iterator[np.ndarray]:
+def documents(tokens: TokenFile, separator: int, separator_first: bool) -> Iterator[np.ndarray]:
   """The documents of a token stream, each with its separator (before it when
   separator_first, else after it): joined, they are the stream."""
   carry = np.zeros(0, np.int64)
