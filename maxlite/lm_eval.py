@@ -248,7 +248,8 @@ def scores(raw: dict) -> dict:
   flat = {}
   for task, metrics in raw['results'].items():
     for name, value in metrics.items():
-      if 'stderr' in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+      if ('stderr' in name or name == 'sample_len' or not isinstance(value, (int, float))
+          or isinstance(value, bool)):
         continue
       if isinstance(value, float) and math.isnan(value):
         continue
