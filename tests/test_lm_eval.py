@@ -19,6 +19,10 @@ from maxlite.data import tokenizers
 from maxlite.model.llama import LlamaConfig
 
 lm_eval_api = pytest.importorskip('lm_eval.api.instance')
+# The task files below are local; `datasets` may have been imported (and read
+# the environment) by another test in this process before the line at the top.
+import datasets.config  # noqa: E402
+datasets.config.HF_DATASETS_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 
