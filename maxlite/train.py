@@ -548,7 +548,6 @@ class StepLog:
                       f'step {step:>6}/{self.train_cfg.steps}  val_loss {val_loss:.4f}')
     self.history.append({'step': step, 'val_loss': val_loss})
 
-
   def harness(self, step: int, scores: dict):
     scalars = {f'harness/{name}': value for name, value in scores.items()}
     self.writer.write(step, scalars, f'step {step:>6}/{self.train_cfg.steps}  ' + '  '.join(
