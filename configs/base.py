@@ -67,6 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_interval = 100
   train.eval_steps = 4
   train.log_interval = 10
+  # lm-evaluation-harness tasks (comma-separated; pip install 'maxlite[eval]') run
+  # every eval_harness_interval steps and at the end on the saved checkpoint,
+  # logged beside val_loss as 'harness/<task>/<metric>'. '': off.
+  train.eval_harness_tasks = ''
+  train.eval_harness_interval = 0  # 0: train.eval_interval
+  train.eval_harness_limit = 0  # documents per task; 0: all
+  train.eval_harness_include_path = ''  # a folder of task YAML files of your own
   train.nonfinite = 'stop'  # a NaN/inf loss: stop naming the step | skip the update
   train.max_skipped_in_a_row = 10  # nonfinite='skip': stop after this many skips in a row
   train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
@@ -121,4 +128,10 @@ def get_config() -> ml_collections.ConfigDict:
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics
   logging.tensorboard = True  # written when tensorboardX or tensorflow is installed
+  # Weights & Biases (pip install 'maxlite[wandb]'): '' is off. A resumed run_dir
+  # continues its W&B run; WANDB_MODE=offline logs to <run_dir>/wandb/.
+  logging.wandb_project = ''
+  logging.wandb_entity = ''  # '': your default entity
+  logging.wandb_run_name = ''  # '': the run_dir's name
+  logging.wandb_tags = ''  # comma-separated
   return config

@@ -96,8 +96,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(train.steps >= 1, f'train.steps={train.steps} must be >= 1')
   _require(train.micro_batch_size >= 1, f'train.micro_batch_size={train.micro_batch_size} must be >= 1')
   _require(train.grad_accum_steps >= 1, f'train.grad_accum_steps={train.grad_accum_steps} must be >= 1')
-  for field in ('eval_interval', 'eval_steps'):
+  for field in ('eval_interval', 'eval_steps', 'eval_harness_interval', 'eval_harness_limit'):
     _require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0')
+  # -- lm-eval during training (maxlite/lm_eval.py) --
+  _require(not train.eval_harness_tasks or config.parallel.pipeline == 1,
+           f'train.eval_harness_tasks needs parallel.pipeline=1 (it is {config.parallel.pipeline}); '
+           'run python -m maxlite.lm_eval on the checkpoints instead')
+  _require(not train.eval_harness_tasks or train.eval_harness_interval or train.eval_interval,
+           'train.eval_harness_tasks needs train.eval_harness_interval or train.eval_interval > 0')
   _require(train.log_interval >= 1, f'train.log_interval={train.log_interval} must be >= 1')
   _require(bool(train.run_dir), 'train.run_dir must be set')
   _require(train.nonfinite in NONFINITE_POLICIES,
