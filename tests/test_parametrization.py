@@ -53,8 +53,7 @@ def _flat(tree):
   return {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize('optimizer', ['adamw', 'muon'])
-def test_mup_at_its_base_width_is_the_standard_model_bit_for_bit(optimizer):
+def test_mup_at_its_base_width_is_the_standard_model_bit_for_bit():
   standard, mup = model_config(64, 'standard'), model_config(64, 'mup', base_width=64)
   ref_params, params = init_params(standard), init_params(mup)
   for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
@@ -62,18 +61,10 @@ def test_mup_at_its_base_width_is_the_standard_model_bit_for_bit(optimizer):
   logits = [forward(cfg, p, *tokens()) for cfg, p in ((standard, ref_params), (mup, params))]
   np.testing.assert_array_equal(logits[0], logits[1])
   assert parametrization.query_multiplier(mup) == parametrization.logit_multiplier(mup) == 1.0
-
-  # One optimizer step on the same gradients: the same updates.
-  cfg = optim_config(name=optimizer)
+  # Every learning rate keeps its value, so make_optimizer builds the standard optimizer.
   logical = state_lib.abstract_model(mup)[2]
-  grads = jax.tree.map(lambda p: jnp.cos(p * 100.0), params)
-  updates = []
-  for model_cfg in (standard, mup):
-    tx = optim.make_optimizer(cfg, 10, logical,
-                              lr_multipliers=parametrization.lr_multipliers(model_cfg, logical, cfg))
-    updates.append(jax.jit(tx.update)(grads, tx.init(params), params)[0])
-  for a, b in zip(jax.tree.leaves(updates[0]), jax.tree.leaves(updates[1])):
-    np.testing.assert_array_equal(a, b)
+  for name in ('adamw', 'muon'):
+    assert set(jax.tree.leaves(parametrization.lr_multipliers(mup, logical, optim_config(name=name)))) == {1.0}
 
 
 # Tensor Programs V, table 3 (Adam), for width 128 over base width 32 (m = 4): the
@@ -97,7 +88,7 @@ HAND_TABLE = {  # path: (AdamW lr, Muon rms-matched lr, Muon shape-scaled lr, in
 
 
 def test_multipliers_match_the_hand_written_table():
-  cfg = model_config(128, base_width=32)
+  cfg = model_config(128, base_width=32)  # m = 4
   logical = _flat(state_lib.abstract_model(cfg)[2])
   assert set(logical) == set(HAND_TABLE)
   tables = [_flat(parametrization.lr_multipliers(cfg, state_lib.abstract_model(cfg)[2], optim_config(**o)))
@@ -117,7 +108,7 @@ def test_multipliers_match_the_hand_written_table():
     np.testing.assert_allclose(params[path], standard[path] * init, rtol=1e-6, err_msg=str(path))
 
 
-def _coordinates(width: int, name: str, steps: int = 4, lr: float = 1e-2) -> dict[str, float]:
+def _coordinates(width: int, name: str, steps: int = 3, lr: float = 1e-2) -> dict[str, float]:
   """Mean |x| of the embedding, each block and the logits after `steps` AdamW steps."""
   cfg = model_config(width, name, base_width=32)
   graphdef, _, logical = state_lib.abstract_model(cfg)
@@ -144,7 +135,7 @@ def _coordinates(width: int, name: str, steps: int = 4, lr: float = 1e-2) -> dic
 
 @functools.cache
 def coordinate_slopes(name: str) -> dict[str, float]:
-  widths = (32, 64, 128)
+  widths = (32, 128)
   rows = [_coordinates(w, name) for w in widths]
   return {k: float(np.polyfit(np.log(widths), np.log([r[k] for r in rows]), 1)[0]) for k in rows[0]}
 
@@ -159,9 +150,9 @@ def test_coordinate_check_flat_under_mup_growing_under_standard():
     assert abs(mup[name]) < 0.2, (name, mup)
 
 
-@pytest.mark.parametrize('tie', [False, True], ids=['untied', 'tied'])
-def test_hf_export_of_a_mup_model_matches_transformers_and_imports_back(tie, tmp_path):
-  cfg = model_config(128, base_width=32, tie=tie)
+def test_hf_export_of_a_mup_model_matches_transformers_and_imports_back(tmp_path):
+  # Tied: the logit multiplier must fold into the final norm, not into the shared table.
+  cfg = model_config(128, base_width=32, tie=True)
   params = jax.tree.map(np.asarray, init_params(cfg))
   # Trained-looking norms, so that folding into the wrong one would show.
   rng = np.random.default_rng(0)
