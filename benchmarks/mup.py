@@ -143,10 +143,12 @@ def _slope(widths, values) -> float:
 # -- (a) coordinate check ------------------------------------------------------------
 
 
-def coordinate_check(widths, steps: int, lr: float, seq_len: int = 64, batch: int = 8) -> dict:
+def coordinate_check(widths, steps: int, lr: float, seq_len: int = 64, batch: int = 8,
+                     variants=tuple(VARIANTS)) -> dict:
   train, val = corpus(seq_len, batch, steps, 1)
   results = {}
-  for variant, (param_name, optimizer) in VARIANTS.items():
+  for variant in variants:
+    param_name, optimizer = VARIANTS[variant]
     rows = {}
     for width in widths:
       cfg = model_config(width, param_name, widths[0], seq_len)
@@ -331,20 +333,25 @@ def main():
   parser.add_argument('--widths', default='', help='comma-separated hidden sizes')
   parser.add_argument('--steps', type=int, default=0, help='0: the part\'s default')
   parser.add_argument('--coord_lr', type=float, default=1e-2)
+  parser.add_argument('--variants', default=','.join(VARIANTS), help='coord: which of ' + ', '.join(VARIANTS))
+  parser.add_argument('--batch', type=int, default=16, help='sweep: sequences of 64 tokens per step')
+  parser.add_argument('--lrs', default='', help='sweep / muon: comma-separated peak learning rates')
   parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'plots'))
   parser.add_argument('--replot', action='store_true', help='tables and plots from the saved JSON')
   args = parser.parse_args()
   out = pathlib.Path(args.out)
   widths = [int(w) for w in args.widths.split(',')] if args.widths else None
+  lrs = tuple(float(x) for x in args.lrs.split(',')) if args.lrs else None
   for part in (('coord', 'sweep', 'muon') if args.part == 'all' else (args.part,)):
     if args.replot:
       report = json.loads((out / f'mup_{part}.json').read_text())
     elif part == 'coord':
-      report = coordinate_check(widths or [64, 128, 256, 512, 1024], args.steps or 10, args.coord_lr)
+      report = coordinate_check(widths or [64, 128, 256, 512, 1024], args.steps or 10, args.coord_lr,
+                                variants=args.variants.split(','))
     elif part == 'sweep':
-      report = lr_sweep(widths or [64, 128, 256], args.steps or 300)
+      report = lr_sweep(widths or [64, 128, 256], args.steps or 300, lrs or SWEEP_LRS, batch=args.batch)
     else:
-      report = muon_vs_adamw(args.steps or 200)
+      report = muon_vs_adamw(args.steps or 200, lrs or MUON_LRS)
     print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}')
     finish(part, report, out)
 
