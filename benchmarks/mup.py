@@ -16,7 +16,8 @@ and does Muon reach a lower loss than AdamW in the same steps?
 (b) `sweep`: the same models at 3 widths x 7 learning rates, `--steps` steps of
     AdamW (warmup, cosine to lr/10, clipping 1, weight decay 0.1) each, the
     validation loss at the end; the best learning rate per width for
-    'standard' and 'mup'.
+    'standard' and 'mup' (whose base width is the smallest, so its first
+    column is the standard one's: the same model bit for bit).
 (c) `muon`: configs/tiny.py's model (4 layers, width 128), 200 steps of 8 x
     128 tokens, AdamW against Muon (update RMS matched to AdamW's, so one lr
     grid serves both), each at its best of 5 learning rates: validation loss.
@@ -188,6 +189,10 @@ def lr_sweep(widths, steps: int, lrs=SWEEP_LRS, seq_len: int = 64, batch: int = 
   for variant in ('standard', 'mup'):
     results[variant] = {}
     for width in widths:
+      if variant == 'mup' and width == widths[0]:
+        # At its base width µP is the standard model bit for bit (tests/test_parametrization.py).
+        results[variant][width] = results['standard'][width]
+        continue
       cfg = model_config(width, variant, widths[0], seq_len)
       sweep = Sweep(cfg, optim_config('adamw', steps, warmup=steps // 10), steps, lrs)
       start = time.perf_counter()
