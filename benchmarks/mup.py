@@ -183,13 +183,13 @@ def coordinate_table(report) -> str:
 
 
 def lr_sweep(widths, steps: int, lrs=SWEEP_LRS, seq_len: int = 64, batch: int = 16,
-             val_batches: int = 16) -> dict:
+             val_batches: int = 16, variants=('standard', 'mup')) -> dict:
   train, val = corpus(seq_len, batch, steps, val_batches)
   results = {}
-  for variant in ('standard', 'mup'):
+  for variant in variants:
     results[variant] = {}
     for width in widths:
-      if variant == 'mup' and width == widths[0]:
+      if variant == 'mup' and width == widths[0] and 'standard' in results:
         # At its base width µP is the standard model bit for bit (tests/test_parametrization.py).
         results[variant][width] = results['standard'][width]
         continue
@@ -282,6 +282,7 @@ def plot_coordinates(report, path: pathlib.Path):
       ax.plot(widths, [rows[w][name] for w in widths], marker='o', label=name)
     ax.set(xscale='log', yscale='log', xlabel='width (hidden size)', title=variant)
     ax.set_xticks(widths, [str(w) for w in widths])
+    ax.minorticks_off()
     ax.grid(alpha=0.3)
   axes[0].set_ylabel(f'mean |x| after {report["steps"]} steps')
   axes[-1].legend(fontsize=8)
@@ -338,7 +339,8 @@ def main():
   parser.add_argument('--widths', default='', help='comma-separated hidden sizes')
   parser.add_argument('--steps', type=int, default=0, help='0: the part\'s default')
   parser.add_argument('--coord_lr', type=float, default=1e-2)
-  parser.add_argument('--variants', default=','.join(VARIANTS), help='coord: which of ' + ', '.join(VARIANTS))
+  parser.add_argument('--variants', default='', help='coord: which of ' + ', '.join(VARIANTS) +
+                      ' (default all); sweep: standard, mup (default both)')
   parser.add_argument('--batch', type=int, default=16, help='sweep: sequences of 64 tokens per step')
   parser.add_argument('--lrs', default='', help='sweep / muon: comma-separated peak learning rates')
   parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'plots'))
@@ -350,11 +352,14 @@ def main():
   for part in (('coord', 'sweep', 'muon') if args.part == 'all' else (args.part,)):
     if args.replot:
       report = json.loads((out / f'mup_{part}.json').read_text())
+      if part != 'muon':  # JSON made the widths strings
+        report['results'] = {v: {int(w): r for w, r in rows.items()} for v, rows in report['results'].items()}
     elif part == 'coord':
       report = coordinate_check(widths or [64, 128, 256, 512, 1024], args.steps or 10, args.coord_lr,
-                                variants=args.variants.split(','))
+                                variants=args.variants.split(',') if args.variants else tuple(VARIANTS))
     elif part == 'sweep':
-      report = lr_sweep(widths or [64, 128, 256], args.steps or 300, lrs or SWEEP_LRS, batch=args.batch)
+      report = lr_sweep(widths or [64, 128, 256], args.steps or 300, lrs or SWEEP_LRS, batch=args.batch,
+                        variants=args.variants.split(',') if args.variants else ('standard', 'mup'))
     else:
       report = muon_vs_adamw(args.steps or 200, lrs or MUON_LRS)
     print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}')
