@@ -230,11 +230,14 @@ def sweep_table(report) -> str:
 # -- (c) Muon against AdamW ---------------------------------------------------------------
 
 
-def muon_vs_adamw(steps: int, lrs=MUON_LRS, val_batches: int = 16) -> dict:
+def muon_vs_adamw(steps: int, lrs=MUON_LRS, val_batches: int = 16, width: int = 0) -> dict:
+  """width: instead of configs/tiny.py's model, the sweep's (2 layers) at this width, 8 x 64 tokens."""
   config = tiny.get_config()
   seq_len, batch = config.data.seq_len, config.train.micro_batch_size
+  if width:
+    seq_len = 64
   train, val = corpus(seq_len, batch, steps, val_batches)
-  cfg = LlamaConfig.from_config(config.model)
+  cfg = model_config(width, 'standard', width, seq_len) if width else LlamaConfig.from_config(config.model)
   results = {}
   for name in ('adamw', 'muon'):
     optim_cfg = config.optim.copy_and_resolve_references()
@@ -249,12 +252,14 @@ def muon_vs_adamw(steps: int, lrs=MUON_LRS, val_batches: int = 16) -> dict:
     results[name] = {'val_loss': losses, 'seconds_per_step': seconds}
     print(f'{name}: ' + '  '.join(f'{lr:.1e} {loss:.4f}' for lr, loss in zip(lrs, losses)) +
           f'  ({seconds:.2f} s per step of {len(lrs)} models)', flush=True)
-  return {'steps': steps, 'lrs': list(lrs), 'results': results}
+  model = f'the width-{width} model, 8 x 64 tokens' if width else "configs/tiny.py's model"
+  return {'steps': steps, 'lrs': list(lrs), 'results': results, 'model': model}
 
 
 def muon_table(report) -> str:
   lrs = report['lrs']
-  lines = [f'validation loss after {report["steps"]} steps of configs/tiny.py\'s model', '',
+  model = report.get('model', "configs/tiny.py's model")
+  lines = [f'validation loss after {report["steps"]} steps of {model}', '',
            '| lr | ' + ' | '.join(report['results']) + ' |', '|---|' + '---|' * len(report['results'])]
   for i, lr in enumerate(lrs):
     lines.append(f'| {lr:.1e} | ' + ' | '.join(f'{r["val_loss"][i]:.4f}' for r in report['results'].values())
@@ -342,6 +347,8 @@ def main():
   parser.add_argument('--variants', default='', help='coord: which of ' + ', '.join(VARIANTS) +
                       ' (default all); sweep: standard, mup (default both)')
   parser.add_argument('--batch', type=int, default=16, help='sweep: sequences of 64 tokens per step')
+  parser.add_argument('--muon_width', type=int, default=0,
+                      help="muon: 0 for configs/tiny.py's model, else the sweep's model at this width")
   parser.add_argument('--lrs', default='', help='sweep / muon: comma-separated peak learning rates')
   parser.add_argument('--out', default=str(pathlib.Path(__file__).parent / 'plots'))
   parser.add_argument('--replot', action='store_true', help='tables and plots from the saved JSON')
@@ -361,7 +368,7 @@ def main():
       report = lr_sweep(widths or [64, 128, 256], args.steps or 300, lrs or SWEEP_LRS, batch=args.batch,
                         variants=args.variants.split(',') if args.variants else ('standard', 'mup'))
     else:
-      report = muon_vs_adamw(args.steps or 200, lrs or MUON_LRS)
+      report = muon_vs_adamw(args.steps or 200, lrs or MUON_LRS, width=args.muon_width)
     print(f'{jax.devices()[0].device_kind}, {os.cpu_count()} cores, jax {jax.__version__}')
     finish(part, report, out)
 
