@@ -279,7 +279,8 @@ def plot_coordinates(report, path: pathlib.Path):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   variants = list(report['results'])
-  fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.8), sharey=True)
+  fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 3.8), sharey=True, squeeze=False)
+  axes = axes[0]
   widths = report['widths']
   for ax, variant in zip(axes, variants):
     rows = {int(w): r for w, r in report['results'][variant].items()}
@@ -302,7 +303,8 @@ def plot_sweep(report, path: pathlib.Path):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   variants = list(report['results'])
-  fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), sharey=True)
+  fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 3.8), sharey=True, squeeze=False)
+  axes = axes[0]
   lrs = report['lrs']
   finite = [x for rows in report['results'].values() for r in rows.values() for x in r if math.isfinite(x)]
   for ax, variant in zip(axes, variants):
