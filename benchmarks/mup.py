@@ -30,7 +30,7 @@ multiplied by its own lr: exactly AdamW (or Muon) at that lr, since optax's
 decoupled weight decay is multiplied by the lr too.
 
 `--out DIR` (default benchmarks/plots) receives each part's results as JSON
-and, when matplotlib is installed (`pip install -e '.[bench]'`), the plots
+and, when matplotlib is installed (`pip install -e '.[plot]'`), the plots
 mup_coord.png and mup_lr_sweep.png. `--replot` redraws them from the JSON.
 """
 import argparse
@@ -337,7 +337,7 @@ def finish(part: str, report: dict, out: pathlib.Path):
       plot(report, out / name)
       print(f'wrote {out / name}')
     except ImportError:
-      print(f'no {name}: matplotlib is not installed (pip install -e \'.[bench]\')')
+      print(f'no {name}: matplotlib is not installed (pip install -e \'.[plot]\')')
 
 
 def main():

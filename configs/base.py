@@ -29,7 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   # xla | cudnn | pallas (fused, skips masked tiles) | auto (pallas on GPUs, xla on CPU)
   model.attention = 'xla'
   model.scan_layers = True  # scan keeps compile time flat in depth
-  model.remat = 'none'  # none | full | save_matmuls
+  # none | full | save_matmuls | save_qkv | save_attention | offload_attention (maxlite/model/remat.py)
+  model.remat = 'none'
   model.z_loss_weight = 0.0
   # standard | mup: µP in its Adam form (maxlite/model/parametrization.py), so that
   # a learning rate tuned at width mup_base_width carries over to wider models.
@@ -71,9 +72,21 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_interval = 100
   train.eval_steps = 4
   train.log_interval = 10
+  # lm-evaluation-harness tasks (comma-separated; pip install 'maxlite[eval]') run
+  # every eval_harness_interval steps and at the end on the saved checkpoint,
+  # logged beside val_loss as 'harness/<task>/<metric>'. '': off.
+  train.eval_harness_tasks = ''
+  train.eval_harness_interval = 0  # 0: train.eval_interval
+  train.eval_harness_limit = 0  # documents per task; 0: all
+  train.eval_harness_include_path = ''  # a folder of task YAML files of your own
   train.nonfinite = 'stop'  # a NaN/inf loss: stop naming the step | skip the update
   train.max_skipped_in_a_row = 10  # nonfinite='skip': stop after this many skips in a row
   train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
+  # A persistent compilation cache: a later run of the same step loads it
+  # instead of compiling; '' off. Share it only with people you trust (it holds code).
+  train.compile_cache_dir = ''
+  # 'START:STOP': a jax.profiler trace of steps START to STOP-1 in <run_dir>/profile; '' off.
+  train.profile_steps = ''
 
   optim = config.optim = ml_collections.ConfigDict()
   # adamw | muon: Muon for the hidden matrices, AdamW (b1, b2, eps) for the embedding, norms and head.
@@ -127,4 +140,10 @@ def get_config() -> ml_collections.ConfigDict:
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics
   logging.tensorboard = True  # written when tensorboardX or tensorflow is installed
+  # Weights & Biases (pip install 'maxlite[wandb]'): '' is off. A resumed run_dir
+  # continues its W&B run; WANDB_MODE=offline logs to <run_dir>/wandb/.
+  logging.wandb_project = ''
+  logging.wandb_entity = ''  # '': your default entity
+  logging.wandb_run_name = ''  # '': the run_dir's name
+  logging.wandb_tags = ''  # comma-separated
   return config

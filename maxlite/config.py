@@ -98,14 +98,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(train.steps >= 1, f'train.steps={train.steps} must be >= 1')
   _require(train.micro_batch_size >= 1, f'train.micro_batch_size={train.micro_batch_size} must be >= 1')
   _require(train.grad_accum_steps >= 1, f'train.grad_accum_steps={train.grad_accum_steps} must be >= 1')
-  for field in ('eval_interval', 'eval_steps'):
+  for field in ('eval_interval', 'eval_steps', 'eval_harness_interval', 'eval_harness_limit'):
     _require(train[field] >= 0, f'train.{field}={train[field]} must be >= 0')
+  # -- lm-eval during training (maxlite/lm_eval.py) --
+  _require(not train.eval_harness_tasks or config.parallel.pipeline == 1,
+           f'train.eval_harness_tasks needs parallel.pipeline=1 (it is {config.parallel.pipeline}); '
+           'run python -m maxlite.lm_eval on the checkpoints instead')
+  _require(not train.eval_harness_tasks or train.eval_harness_interval or train.eval_interval,
+           'train.eval_harness_tasks needs train.eval_harness_interval or train.eval_interval > 0')
   _require(train.log_interval >= 1, f'train.log_interval={train.log_interval} must be >= 1')
   _require(bool(train.run_dir), 'train.run_dir must be set')
   _require(train.nonfinite in NONFINITE_POLICIES,
            f'train.nonfinite={train.nonfinite!r} is not one of {NONFINITE_POLICIES}')
   _require(train.max_skipped_in_a_row >= 1,
            f'train.max_skipped_in_a_row={train.max_skipped_in_a_row} must be >= 1')
+  profile_range(train.profile_steps)
   checkpoint = config.checkpoint
   for field, least in (('interval', 0), ('max_to_keep', 1), ('keep_every', 0)):
     _require(checkpoint[field] >= least, f'checkpoint.{field}={checkpoint[field]} must be >= {least}')
@@ -197,6 +204,19 @@ def _validate_pipeline(config, sizes):
   _require(config.train.micro_batch_size % (micro * batch_shards) == 0,
            f'train.micro_batch_size={config.train.micro_batch_size} is not divisible by '
            f'parallel.pipeline_microbatches={micro} x parallel.data*parallel.fsdp={batch_shards}')
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """train.profile_steps 'START:STOP' -> (START, STOP), the steps START to STOP - 1; '' -> None."""
+  if not spec:
+    return None
+  try:
+    start, stop = (int(part) for part in spec.split(':'))
+  except ValueError:
+    raise ConfigError(f"train.profile_steps={spec!r} must be 'START:STOP' (traces steps START to "
+                      "STOP-1, e.g. '10:15') or '' (off)") from None
+  _require(1 <= start < stop, f'train.profile_steps={spec!r} needs 1 <= START < STOP')
+  return start, stop
 
 
 def model_fields(config, sizes: dict[str, int]) -> dict:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
@@ -147,7 +148,8 @@ class Attention(nnx.Module):
       out_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], segment_ids_BT,
                            positions_BT, causal=True, backend=self.backend,
                            kv_segment_ids_BS=jnp.ones_like(slots_BS), kv_positions_BS=slots_BS)
-    return self.o(out_BTNH), cache
+    # The name remat policies save or offload it by (maxlite.model.remat).
+    return self.o(checkpoint_name(out_BTNH, 'attention')), cache
 
 
 class Block(nnx.Module):
