@@ -32,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
   # none | full | save_matmuls | save_qkv | save_attention | offload_attention (maxlite/model/remat.py)
   model.remat = 'none'
   model.z_loss_weight = 0.0
+  # standard | mup: µP in its Adam form (maxlite/model/parametrization.py), so that
+  # a learning rate tuned at width mup_base_width carries over to wider models.
+  model.parametrization = 'standard'
+  model.mup_base_width = 0  # mup: the hidden_size the hyperparameters were tuned at
+  model.mup_base_head_dim = 0  # mup: the base model's head dim; 0: head dim x mup_base_width / hidden_size
 
   data = config.data = ml_collections.ConfigDict()
   # 'embedded': the Python standard library's source, prepared on first use;
@@ -84,6 +89,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.profile_steps = ''
 
   optim = config.optim = ml_collections.ConfigDict()
+  # adamw | muon: Muon for the hidden matrices, AdamW (b1, b2, eps) for the embedding, norms and head.
+  optim.name = 'adamw'
   optim.lr = 3e-3
   optim.min_lr = 3e-4
   optim.warmup_steps = 20
@@ -94,6 +101,11 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.95
   optim.eps = 1e-8
   optim.grad_clip = 1.0  # global norm; 0 disables
+  optim.muon_lr = 0.0  # muon: peak lr of the hidden matrices, on optim.lr's schedule; 0: optim.lr
+  optim.muon_momentum = 0.95  # muon: Nesterov momentum of the orthogonalised matrices
+  # muon: scale each orthogonalised update to this RMS x lr, about AdamW's (Moonlight), so
+  # that Muon takes AdamW's lr and weight decay; 0: Keller Jordan's sqrt(max(1, fan_out/fan_in)).
+  optim.muon_rms_match = 0.2
   # dtype in which gradients are summed across devices (fsdp reduce-scatter,
   # data all-reduce). float32: a sum over many devices keeps its low bits.
   optim.grad_reduce_dtype = 'float32'

@@ -17,6 +17,8 @@ PACKINGS = ('concat', 'first_fit')
 MIXINGS = ('weighted', 'proportional')
 NONFINITE_POLICIES = ('stop', 'skip')
 DISTRIBUTED_MODES = ('auto', 'slurm', 'env', 'none')
+PARAMETRIZATIONS = ('standard', 'mup')  # maxlite.model.parametrization
+OPTIMIZERS = ('adamw', 'muon')  # maxlite.optim
 
 
 class ConfigError(ValueError):
@@ -128,6 +130,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> dict[str, i
   _require(0 <= optim.b1 < 1 and 0 <= optim.b2 < 1, f'optim.b1={optim.b1} and optim.b2={optim.b2} must be in [0, 1)')
   _require(optim.eps > 0, f'optim.eps={optim.eps} must be > 0')
   _require(optim.grad_clip >= 0, f'optim.grad_clip={optim.grad_clip} must be >= 0 (0 disables)')
+  _validate_parametrization_and_optimizer(model, optim)
 
   dist = config.distributed
   _require(dist.mode in DISTRIBUTED_MODES, f'distributed.mode={dist.mode!r} is not one of {DISTRIBUTED_MODES}')
@@ -177,6 +180,19 @@ def _validate_context(config, sizes):
   _require(seq_len // context % tensor == 0,
            f'parallel.tensor={tensor} does not divide data.seq_len / parallel.context = '
            f'{seq_len // context} (the residual stream is split along its length between blocks)')
+def _validate_parametrization_and_optimizer(model, optim):
+  _require(model.parametrization in PARAMETRIZATIONS,
+           f'model.parametrization={model.parametrization!r} is not one of {PARAMETRIZATIONS}')
+  _require(model.parametrization != 'mup' or model.mup_base_width >= 1,
+           f"model.mup_base_width={model.mup_base_width} must be >= 1 with model.parametrization='mup' "
+           '(the hidden_size the hyperparameters were tuned at)')
+  _require(model.mup_base_head_dim >= 0,
+           f'model.mup_base_head_dim={model.mup_base_head_dim} must be >= 0 (0: scaled like the width)')
+  _require(optim.name in OPTIMIZERS, f'optim.name={optim.name!r} is not one of {OPTIMIZERS}')
+  _require(optim.muon_lr >= 0, f'optim.muon_lr={optim.muon_lr} must be >= 0 (0: optim.lr)')
+  _require(0 <= optim.muon_momentum < 1, f'optim.muon_momentum={optim.muon_momentum} must be in [0, 1)')
+  _require(optim.muon_rms_match >= 0,
+           f'optim.muon_rms_match={optim.muon_rms_match} must be >= 0 (0: no RMS matching)')
 
 
 def _validate_pipeline(config, sizes):
@@ -239,7 +255,11 @@ def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
 # these unchanged (the mesh, steps, schedule, data and dtypes may change).
 RESUME_FIELDS = ('model.vocab_size', 'model.hidden_size', 'model.num_layers', 'model.num_heads',
                  'model.num_kv_heads', 'model.intermediate_size', 'model.tie_embeddings',
-                 'model.rope_theta', 'model.norm_eps', 'train.nonfinite')
+                 'model.rope_theta', 'model.norm_eps', 'train.nonfinite',
+                 # the µP multipliers change what the parameters mean; the optimizer, its state
+                 'model.parametrization', 'optim.name')
+# The value of a RESUME_FIELDS entry in a checkpoint written before the field existed.
+_RESUME_DEFAULTS = {'model.parametrization': 'standard', 'optim.name': 'adamw'}
 
 
 def resume_conflicts(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
@@ -247,10 +267,14 @@ def resume_conflicts(saved: ml_collections.ConfigDict, config: ml_collections.Co
   written with `saved` cannot resume under `config`."""
   def get(cfg, dotted):
     group, name = dotted.split('.')
-    return cfg[group].get(name) if group in cfg else None
+    value = cfg[group].get(name) if group in cfg else None
+    return _RESUME_DEFAULTS.get(dotted) if value is None else value
 
+  fields = RESUME_FIELDS
+  if get(saved, 'model.parametrization') == get(config, 'model.parametrization') == 'mup':
+    fields += ('model.mup_base_width', 'model.mup_base_head_dim')
   conflicts = [f'{field}={get(config, field)!r} (the checkpoint has {get(saved, field)!r})'
-               for field in RESUME_FIELDS
+               for field in fields
                if get(saved, field) is not None and get(saved, field) != get(config, field)]
   if 'model' in saved and head_dim(saved.model) != head_dim(config.model):
     conflicts.append(f'model.head_dim={config.model.head_dim} (the checkpoint has {saved.model.head_dim}, '

@@ -5,7 +5,9 @@
 
 An exported folder loads with `transformers.LlamaForCausalLM.from_pretrained`;
 `import_params` reads such a folder (ours or any Llama without biases or rope
-scaling) back into maxlite's parameter layout.
+scaling) back into maxlite's parameter layout. A µP model's forward multipliers
+are folded into its weights on the way out and back out on the way in
+(maxlite.model.parametrization.fold).
 
 Shape legend: L layers, D hidden, N query heads, K kv heads, H head dim,
 F mlp width, V vocab.
@@ -27,6 +29,7 @@ import numpy as np
 
 from maxlite import checkpoint, state as state_lib
 from maxlite.data import hf_tokenizer, tokenizers
+from maxlite.model import parametrization
 from maxlite.model.llama import LlamaConfig
 
 DTYPES = ('float32', 'bfloat16')
@@ -95,6 +98,8 @@ def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str = 'float32') -> dict[s
   # The true vocabulary only: the padding rows are maxlite's (config.padded_vocab_size).
   host = state_lib.resize_vocab(jax.tree.map(np.asarray, params), state_lib.abstract_model(cfg)[2],
                                 cfg.vocab_size)
+  # µP's logit and attention multipliers live in the weights of a plain Llama.
+  host = parametrization.fold(host, cfg)
   tensors = {}
   for name, (path, in_dims) in TOP_TENSORS.items():
     if name == 'lm_head' and cfg.tie_embeddings:
@@ -279,6 +284,7 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
           target[...] = value
         else:
           target[layer] = value
+  params = parametrization.fold(params, cfg, inverse=True)  # µP: the multipliers back out
   return state_lib.resize_vocab(params, logical, cfg.vocab_rows)
 
 

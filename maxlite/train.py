@@ -35,6 +35,7 @@ from maxlite import checkpoint as checkpoint_lib
 from maxlite import xla_flags
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
+from maxlite.model import parametrization
 from maxlite.model.attention import resolve_backend
 from maxlite.model.llama import LlamaConfig
 
@@ -115,7 +116,9 @@ def train(config) -> list[dict]:
     # -- state and steps -----------------------------------------------------------------
     _, _, logical = state_lib.abstract_model(model_cfg)
     tx = optim.make_optimizer(config.optim, train_cfg.steps, logical,
-                              skip_nonfinite=train_cfg.nonfinite == 'skip')
+                              skip_nonfinite=train_cfg.nonfinite == 'skip',
+                              lr_multipliers=parametrization.lr_multipliers(model_cfg, logical,
+                                                                            config.optim))
     steps = step_lib.build(config, model_cfg, mesh, tx)  # jitted; compiled below
     _, _, state, shardings = state_lib.create_train_state(
         model_cfg, tx, mesh, config.seed, config.parallel.zero1)

@@ -29,7 +29,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
-from maxlite.model import context, layers, parallel, pipeline
+from maxlite.model import context, layers, parallel, parametrization, pipeline
 from maxlite.model.attention import attention
 from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
@@ -62,6 +62,10 @@ class LlamaConfig:
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
   pipeline_repeats: int = 1
+  # 'standard' or 'mup' (maxlite.model.parametrization: init, logit and attention multipliers).
+  parametrization: str = 'standard'
+  mup_base_width: int = 0
+  mup_base_head_dim: int = 0
 
   @classmethod
   def from_config(cls, model, **mesh_fields) -> 'LlamaConfig':
@@ -125,10 +129,13 @@ class Attention(nnx.Module):
                           **kw)
     self.rope_theta = cfg.rope_theta
     self.backend = cfg.attention
+    self.query_scale = parametrization.query_multiplier(cfg)  # 1.0 but under µP
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
     """Returns (output, cache); with a cache, this layer's slots of it are updated."""
     q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
+    if self.query_scale != 1.0:
+      q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
     k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
     v_BTKH = self.v(x_BTD)
     if cache is None:  # with context parallelism, to the whole row's keys (maxlite.model.context)
@@ -200,6 +207,7 @@ class Llama(nnx.Module):
                                   std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs,
                                   reduce_dtype=cfg.grad_reduce_dtype,
                                   padded_out_dims=(cfg.vocab_rows,))
+    parametrization.scale_init(self, cfg)
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
@@ -240,6 +248,8 @@ class Llama(nnx.Module):
       logits_BTv = self.embed.attend(x_BTD, table_VD)
     else:
       logits_BTv = self.lm_head(x_BTD, out_dtype=jnp.promote_types(x_BTD.dtype, jnp.float32).name)
+    if (multiplier := parametrization.logit_multiplier(self.cfg)) != 1.0:
+      logits_BTv = logits_BTv * multiplier
     return parallel.mask_padding(logits_BTv, self.cfg.vocab_size)
 
   def _whole_vocab(self, logits_BTv):
