@@ -33,7 +33,7 @@ BASE_KEYS = [
     'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
     'optim.grad_clip', 'optim.grad_reduce_dtype', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
     'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
-    'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
+    'parallel.pipeline_repeats', 'parallel.pipeline_schedule', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
     'train.log_interval', 'train.max_skipped_in_a_row', 'train.micro_batch_size',
