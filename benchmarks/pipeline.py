@@ -2,7 +2,8 @@
 memory and FLOPs, its collectives, and the measured step time against pipeline=1;
 then the temporaries of AFAB and 1F1B as the number of micro-batches grows.
 
-    python benchmarks/pipeline.py [--layers 8] [--hidden 256] [--seq 128] [--batch 32] [--steps 5]
+    python benchmarks/pipeline.py [--layers 8] [--hidden 256] [--seq 128] [--batch 32] [--steps 3]
+        [--tables steps,memory] [--schedules afab,circular,1f1b,interleaved_1f1b]
 
 Each row of the first table compiles the whole train step (forward, backward,
 AdamW) of the same model and global batch; the rest of the 8 devices go to
@@ -152,6 +153,8 @@ def main():
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--tables', default='steps,memory', help='steps, memory or both')
+  parser.add_argument('--schedules', default='afab,circular,1f1b,interleaved_1f1b',
+                      help='the rows to run (the pipeline=1 baseline always runs)')
   args = parser.parse_args()
   print(f'{args.layers} layers, hidden {args.hidden}, seq {args.seq}, batch {args.batch}, '
         f'{jax.device_count()} x {jax.devices()[0].device_kind}; collectives: '
@@ -162,6 +165,8 @@ def main():
     print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
     baseline = None
     for schedule, stages, repeats, micro in ROWS:
+      if stages > 1 and schedule not in args.schedules.split(','):
+        continue
       row = measure(args, schedule, stages, repeats, micro)
       baseline = baseline or row['step_s']
       print(f'| {row["schedule"]} | {row["P"]} | {row["R"]} | {row["M"]} | {100 * row["bubble"]:.0f}% '
@@ -173,6 +178,8 @@ def main():
     print('| schedule | P | M | global batch | stash | temp MiB |')
     print('|---|---|---|---|---|---|')
     for schedule, stages, micro in MEMORY_ROWS:
+      if schedule not in args.schedules.split(','):
+        continue
       row = gradient_temporaries(args, schedule, stages, micro)
       print(f'| {schedule} | {stages} | {micro} | {micro * jax.device_count() // stages} | {row["stash"]} '
             f'| {row["temp_mib"]:.1f} |', flush=True)
