@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from configs import base
-from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
+from maxlite import config as config_lib, hlo as hlo_lib, mesh as mesh_lib, optim, state as state_lib
+from maxlite import step as step_lib
 from maxlite.config import ConfigError
 from maxlite.model.llama import LlamaConfig
 from maxlite.train import train
@@ -117,6 +118,14 @@ def test_loss_and_gradients_match_the_unpipelined_model(name):
     # Stages hand activations on point to point; no parameter is ever gathered.
     assert 'collective-permute' in hlo
     assert 'all-gather' not in hlo and 'all-to-all' not in hlo
+  if name == '1f1b_pipeline2_micro4_data4':
+    # Every iteration (R (M + P) + P - 2 = 6) one micro-batch's [b, t, D] goes
+    # forward and one's gradient backward over `pipeline`, and nothing else.
+    mesh_shape = {'data': 4, 'fsdp': 1, 'tensor': 1, 'pipeline': 2}
+    permutes = [c for c in hlo_lib.collectives(hlo, mesh_shape) if c.kind == 'collective-permute']
+    # (hlo.py names the axes its pairs span together: every data row's stages.)
+    assert [(c.runs, c.axes, c.dtype, c.shapes) for c in permutes] == \
+        [(6, ('data', 'pipeline'), 'f32', ((2, T, 32),))] * 2, permutes
 
 
 def test_eval_step_under_interleaved_1f1b_runs_the_forward_pipeline():
