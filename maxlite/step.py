@@ -133,6 +133,7 @@ def _one_f_one_b(params, graphdef, batch, settings: StepSettings, *, schedule):
   (objective, aux), grads = pipeline_1f1b.value_and_grad(
       params, graphdef, batch, schedule=schedule, compute_dtype=settings.compute_dtype,
       z_loss_weight=settings.z_loss_weight)
+  # Back into params' container types (a plain dict of the same sorted keys and leaves).
   return (objective, aux), jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
 
 
