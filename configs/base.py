@@ -118,9 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
   parallel.pipeline = 1  # stages; the blocks' layers are split between them
   # Micro-batches that each micro-step's batch is split into for the pipeline; 0: one per stage.
   parallel.pipeline_microbatches = 0
-  # 1: all-forward-all-backward (GPipe); R > 1: circular, each stage runs R
-  # groups of layers (bubble (stages-1)/(R*micro-batches+stages-1), R times the hops).
+  # Layer groups per stage: 1 for 'afab' and '1f1b'; R > 1 for 'circular' and
+  # 'interleaved_1f1b' (bubble (stages-1)/(R*micro-batches+stages-1), R times the hops).
   parallel.pipeline_repeats = 1
+  # 'afab' (GPipe) and 'circular': backward by autodiff, activations of every
+  # micro-batch alive at once; '1f1b' and 'interleaved_1f1b': one forward and
+  # one backward per iteration, O(stages) micro-batches alive (maxlite.model.pipeline_1f1b).
+  parallel.pipeline_schedule = 'afab'
   parallel.zero1 = False  # shard optimizer state over `data` as well
 
   checkpoint = config.checkpoint = ml_collections.ConfigDict()

@@ -10,6 +10,7 @@ import ml_collections
 from maxlite.model import remat  # the policy table only, not the model
 
 MESH_AXES = ('data', 'fsdp', 'context', 'tensor', 'pipeline')
+PIPELINE_SCHEDULES = ('afab', 'circular', '1f1b', 'interleaved_1f1b')
 DTYPES = ('bfloat16', 'float32', 'float64')
 DECAY_STYLES = ('cosine', 'linear', 'constant', 'wsd')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'pallas')
@@ -200,11 +201,20 @@ def _validate_pipeline(config, sizes):
   repeats, micro = parallel.pipeline_repeats, parallel.pipeline_microbatches
   _require(repeats >= 1, f'parallel.pipeline_repeats={repeats} must be >= 1')
   _require(micro >= 0, f'parallel.pipeline_microbatches={micro} must be >= 0 (0: one per stage)')
+  schedule = parallel.pipeline_schedule
+  _require(schedule in PIPELINE_SCHEDULES,
+           f'parallel.pipeline_schedule={schedule!r} must be one of {", ".join(PIPELINE_SCHEDULES)}')
   if stages == 1:
-    _require(repeats == 1 and micro == 0,
-             f'parallel.pipeline_repeats={repeats} and parallel.pipeline_microbatches={micro} '
-             'need parallel.pipeline > 1 (set them to 1 and 0)')
+    _require(repeats == 1 and micro == 0 and schedule == 'afab',
+             f'parallel.pipeline_repeats={repeats}, parallel.pipeline_microbatches={micro} and '
+             f"parallel.pipeline_schedule={schedule!r} need parallel.pipeline > 1 (set them to 1, 0 and 'afab')")
     return
+  grouped = schedule in ('circular', 'interleaved_1f1b')
+  _require(grouped == (repeats > 1),
+           f'parallel.pipeline_schedule={schedule!r} ' +
+           (f'needs parallel.pipeline_repeats > 1 (it is {repeats})' if grouped else
+            f'runs one layer group per stage but parallel.pipeline_repeats={repeats}: use '
+            f"pipeline_schedule='{'interleaved_1f1b' if schedule == '1f1b' else 'circular'}'"))
   micro = micro or stages
   num_layers = config.model.num_layers
   _require(num_layers % (stages * repeats) == 0,
@@ -214,7 +224,11 @@ def _validate_pipeline(config, sizes):
   # the other micro-batches of its round, which needs at least one per stage.
   _require(repeats == 1 or micro >= stages,
            f'parallel.pipeline_microbatches={micro} must be >= parallel.pipeline={stages} for the '
-           f'circular schedule (parallel.pipeline_repeats={repeats} > 1)')
+           f'{schedule} schedule (parallel.pipeline_repeats={repeats} > 1)')
+  # Interleaved 1F1B sends micro-batches through the layer groups P at a time.
+  _require(schedule != 'interleaved_1f1b' or micro % stages == 0,
+           f'parallel.pipeline_microbatches={micro} must be a multiple of parallel.pipeline={stages} '
+           "for pipeline_schedule='interleaved_1f1b'")
   # Each pipeline micro-batch is itself split over the batch shards.
   batch_shards = sizes['data'] * sizes['fsdp']
   _require(config.train.micro_batch_size % (micro * batch_shards) == 0,
@@ -244,11 +258,12 @@ def model_fields(config, sizes: dict[str, int]) -> dict:
           'grad_reduce_dtype': 'float64' if float64 else config.optim.grad_reduce_dtype}
 
 
-def pipeline_fields(parallel, sizes: dict[str, int]) -> dict[str, int]:
+def pipeline_fields(parallel, sizes: dict[str, int]) -> dict:
   """The model's pipeline_* fields for a validated config and its resolved mesh."""
   return {'pipeline_stages': sizes['pipeline'],
           'pipeline_microbatches': parallel.pipeline_microbatches or sizes['pipeline'],
-          'pipeline_repeats': parallel.pipeline_repeats}
+          'pipeline_repeats': parallel.pipeline_repeats,
+          'pipeline_1f1b': parallel.pipeline_schedule in ('1f1b', 'interleaved_1f1b')}
 
 
 # What a checkpoint's arrays depend on beyond the mesh: a run resumes only with

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from maxlite import mesh as mesh_lib, optim, state as state_lib
-from maxlite.model import context, parallel, pipeline
+from maxlite.model import context, parallel, pipeline, pipeline_1f1b
 from maxlite.state import TrainState
 
 BATCH = P('batch', 'length')
@@ -124,6 +124,8 @@ def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, la
     # one sum over `data` is below, not inside every micro-step.
     params = jax.tree.map(lambda p: jax.lax.pcast(p, _token_axes(), to='varying'), params)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  if layout.schedule and layout.schedule.one_f_one_b:  # the schedule runs its own backward
+    grad_fn = functools.partial(_one_f_one_b, schedule=layout.schedule)
   if settings.grad_accum_steps == 1:
     (_, (ce_sum, count)), grad_sums = grad_fn(params, graphdef, batch, settings)
   else:
@@ -139,6 +141,14 @@ def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, la
   grad_sums = jax.tree.map(lambda g, spec: _sum_over_data(g, spec, settings.grad_reduce_dtype),
                            grad_sums, layout.grad_specs)
   return grad_sums, _sum_over_devices(ce_sum), _sum_over_devices(count)
+
+
+def _one_f_one_b(params, graphdef, batch, settings: StepSettings, *, schedule):
+  (objective, aux), grads = pipeline_1f1b.value_and_grad(
+      params, graphdef, batch, schedule=schedule, compute_dtype=settings.compute_dtype,
+      z_loss_weight=settings.z_loss_weight)
+  # Back into params' container types (a plain dict of the same sorted keys and leaves).
+  return (objective, aux), jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
 
 
 def gradients(params, graphdef, batch, settings: StepSettings, layout: Layout):

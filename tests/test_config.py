@@ -37,7 +37,7 @@ BASE_KEYS = [
     'optim.muon_lr', 'optim.muon_momentum', 'optim.muon_rms_match', 'optim.name',
     'optim.warmup_steps', 'optim.weight_decay',
     'parallel.context', 'parallel.data', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
-    'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
+    'parallel.pipeline_repeats', 'parallel.pipeline_schedule', 'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
     'train.compile_cache_dir', 'train.eval_harness_include_path', 'train.eval_harness_interval',
     'train.eval_harness_limit', 'train.eval_harness_tasks', 'train.eval_interval', 'train.eval_steps',

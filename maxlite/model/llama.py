@@ -66,6 +66,7 @@ class LlamaConfig:
   parametrization: str = 'standard'
   mup_base_width: int = 0
   mup_base_head_dim: int = 0
+  pipeline_1f1b: bool = False  # train with maxlite.model.pipeline_1f1b
 
   @classmethod
   def from_config(cls, model, **mesh_fields) -> 'LlamaConfig':
@@ -86,7 +87,8 @@ class LlamaConfig:
 
   @property
   def pipeline_schedule(self) -> pipeline.Schedule:
-    return pipeline.Schedule(self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats)
+    return pipeline.Schedule(self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats,
+                             self.pipeline_1f1b)
 
 
 class KVCache(NamedTuple):
@@ -221,8 +223,32 @@ class Llama(nnx.Module):
     Each device computes only its vocabulary slice of the logits; they are
     never gathered (maxlite.model.parallel.cross_entropy).
     """
-    x_BTD, _, table_VD = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None, compute_dtype)
-    return parallel.cross_entropy(self._logits(x_BTD, table_VD), targets_BT)
+    sp = tokens_BT.shape[1] % parallel.axis_size('tensor') == 0
+    table_VD = self.embed.gather(compute_dtype)
+    x_BtD = self.embed_inputs(tokens_BT, table_VD, sp)
+    x_BtD, _ = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, None, sp)
+    return self.head_losses(x_BtD, table_VD, targets_BT, sp)
+
+  # The pieces of token_losses, which the 1F1B pipeline schedules
+  # (maxlite.model.pipeline_1f1b) differentiate one by one. table_VD: the
+  # embedding gathered once (embed.gather), for both ends when tied.
+  def embed_inputs(self, tokens_BT, table_VD, sequence_parallel: bool):
+    """The residual entering the blocks [B, t, D]."""
+    return parallel.scatter_sequence(self.embed(tokens_BT, table_VD.dtype, table_VD), sequence_parallel)
+
+  def layer_runner(self, sequence_parallel: bool):
+    """run_layers(layers, x_btD, segment_ids_bT, positions_bT) -> x_btD for a group of stacked layers."""
+    graphdef = nnx.graphdef(self.blocks)
+    def run_layers(layers, x_btD, segment_ids_bT, positions_bT):
+      return _run_layers(graphdef, self.cfg, layers, x_btD, segment_ids_bT, positions_bT, None,
+                         sequence_parallel)[0]
+    return run_layers
+
+  def head_losses(self, x_BtD, table_VD, targets_BT, sequence_parallel: bool):
+    """(cross-entropy, log-normaliser) [B, T] from the blocks' output."""
+    x_BTD = parallel.gather_sequence(self.final_norm(x_BtD), sequence_parallel)
+    return parallel.cross_entropy(self._logits(x_BTD, table_VD if self.cfg.tie_embeddings else None),
+                                  targets_BT)
 
   def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
     """(logits [B, T, V], cache) for tokens at positions_BT that continue what
@@ -258,10 +284,7 @@ class Llama(nnx.Module):
   def _run_blocks(self, x_BtD, segment_ids_BT, positions_BT, cache, sp):
     graphdef, stacked = nnx.split(self.blocks)
     if cache is None and self.cfg.pipeline_stages > 1:
-      def run_layers(layers, x_btD, segment_ids_bT, positions_bT):
-        return _run_layers(graphdef, self.cfg, layers, x_btD, segment_ids_bT, positions_bT, None,
-                           sp)[0]
-      return pipeline.run(run_layers, stacked, x_BtD, segment_ids_BT, positions_BT,
+      return pipeline.run(self.layer_runner(sp), stacked, x_BtD, segment_ids_BT, positions_BT,
                           self.cfg.pipeline_schedule), None
     return _run_layers(graphdef, self.cfg, stacked, x_BtD, segment_ids_BT, positions_BT, cache, sp)
 
