@@ -103,8 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   optim.grad_clip = 1.0  # global norm; 0 disables
   optim.muon_lr = 0.0  # muon: peak lr of the hidden matrices, on optim.lr's schedule; 0: optim.lr
   optim.muon_momentum = 0.95  # muon: Nesterov momentum of the orthogonalised matrices
-  # muon: scale each orthogonalised update to this RMS x lr, about AdamW's (Moonlight), so
-  # that Muon takes AdamW's lr and weight decay; 0: Keller Jordan's sqrt(max(1, fan_out/fan_in)).
+  # muon: scale each orthogonalised update to this RMS x lr, about AdamW's (Moonlight), so that
+  # Muon's lr is on AdamW's scale; 0: Keller Jordan's sqrt(max(1, fan_out/fan_in)).
   optim.muon_rms_match = 0.2
   # dtype in which gradients are summed across devices (fsdp reduce-scatter,
   # data all-reduce). float32: a sum over many devices keeps its low bits.
