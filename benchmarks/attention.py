@@ -2,6 +2,7 @@
 forward+backward, causal, for one document per row and for packed rows.
 
     python benchmarks/attention.py [--small] [--repeats 10] [--dtype bfloat16] [--kv_heads 0]
+        [--head_dims 64,128] [--lengths 1024,2048,4096,8192] [--results FILE]
 
 Shapes: head_dim 64 and 128 with hidden = heads x head_dim = 2048, lengths 1k
 to 8k with batch x length = 16k tokens; packed rows hold 8 equal documents.
@@ -14,6 +15,7 @@ with block_until_ready. `--small` runs tiny shapes in float32, in seconds on a
 CPU (where pallas runs in interpret mode, so its times mean nothing there).
 """
 import argparse
+import json
 import pathlib
 import statistics
 import sys
@@ -73,17 +75,35 @@ def main():
   parser.add_argument('--repeats', type=int, default=10)
   parser.add_argument('--dtype', default='bfloat16')
   parser.add_argument('--kv_heads', type=int, default=0, help='0: as many as query heads')
+  parser.add_argument('--head_dims', default='64,128')
+  parser.add_argument('--lengths', default='1024,2048,4096,8192')
+  parser.add_argument('--results', default='', help='append one JSON line per row to this file')
   args = parser.parse_args()
   platform = jax.default_backend()
+  head_dims = [int(h) for h in args.head_dims.split(',')]
   if args.small:
-    head_dims, lengths, tokens, hidden, dtype = (64, 128), (256,), 256, 128, jnp.float32
+    lengths, tokens, hidden, dtype = (256,), 256, 128, jnp.float32
   else:
-    head_dims, lengths, tokens, hidden, dtype = (64, 128), (1024, 2048, 4096, 8192), 16384, 2048, args.dtype
+    lengths, tokens, hidden = [int(t) for t in args.lengths.split(',')], 16384, 2048
+    dtype = args.dtype
 
   print(f'device: {jax.devices()[0].device_kind} ({platform}), dtype {jnp.dtype(dtype).name}, '
         f'{tokens} tokens per call, hidden {hidden}, causal')
   print('| backend | head_dim | length | docs/row | pass    |       ms | TFLOP/s | note')
   print('|---------|----------|--------|----------|---------|----------|---------|-----')
+
+  def report(backend, head_dim, length, documents, name='-', seconds=None, flops=0.0, note=''):
+    """One row of the table, and of --results when given."""
+    ms, tflops = ('-', '-') if seconds is None else (seconds * 1e3, flops / seconds / 1e12)
+    print(f'| {backend:7} | {head_dim:8} | {length:6} | {documents:8} | {name:7} | '
+          + (f'{"-":>8} | {"-":>7}' if seconds is None else f'{ms:8.2f} | {tflops:7.3f}')
+          + f' | {note}', flush=True)
+    if args.results:
+      with open(args.results, 'a') as out:
+        out.write(json.dumps({'check': 'attention', 'backend': backend, 'head_dim': head_dim,
+                              'length': length, 'documents': documents, 'pass': name, 'ms': ms,
+                              'tflops': tflops, 'note': note}) + '\n')
+
   for head_dim in head_dims:
     heads = hidden // head_dim
     kv_heads = args.kv_heads or heads
@@ -97,10 +117,8 @@ def main():
             resolve_backend(backend, platform, segment_ids=documents > 1)
             fns = functions(backend)
           except ValueError as error:  # not available here: say why, in the table
-            fns, note = {}, str(error).split(';')[0].replace("model.attention='cudnn' ", '')
-          if not fns:
-            print(f'| {backend:7} | {head_dim:8} | {length:6} | {documents:8} | {"-":7} | '
-                  f'{"-":>8} | {"-":>7} | {note}')
+            report(backend, head_dim, length, documents,
+                   note=str(error).split(';')[0].replace("model.attention='cudnn' ", ''))
             continue
           for name, fn in fns.items():
             flops = forward_flops * (3.5 if name == 'fwd+bwd' else 1)
@@ -108,11 +126,10 @@ def main():
             try:
               seconds = timed(fn, data, args.repeats)
             except Exception as error:  # e.g. out of memory: the row says so, the table goes on
-              print(f'| {backend:7} | {head_dim:8} | {length:6} | {documents:8} | {name:7} | '
-                    f'{"-":>8} | {"-":>7} | {type(error).__name__}: {str(error)[:60]}')
+              report(backend, head_dim, length, documents, name,
+                     note=f'{type(error).__name__}: {str(error)[:60]}')
               continue
-            print(f'| {backend:7} | {head_dim:8} | {length:6} | {documents:8} | {name:7} | '
-                  f'{seconds * 1e3:8.2f} | {flops / seconds / 1e12:7.3f} | {note}', flush=True)
+            report(backend, head_dim, length, documents, name, seconds, flops, note)
 
 
 if __name__ == '__main__':

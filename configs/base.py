@@ -29,8 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
   # xla | cudnn | pallas (fused, skips masked tiles) | auto (pallas on GPUs, xla on CPU)
   model.attention = 'xla'
   model.scan_layers = True  # scan keeps compile time flat in depth
-  model.remat = 'none'  # none | full | save_matmuls
+  # none | full | save_matmuls | save_qkv | save_attention | offload_attention (maxlite/model/remat.py)
+  model.remat = 'none'
   model.z_loss_weight = 0.0
+  # standard | mup: µP in its Adam form (maxlite/model/parametrization.py), so that
+  # a learning rate tuned at width mup_base_width carries over to wider models.
+  model.parametrization = 'standard'
+  model.mup_base_width = 0  # mup: the hidden_size the hyperparameters were tuned at
+  model.mup_base_head_dim = 0  # mup: the base model's head dim; 0: head dim x mup_base_width / hidden_size
   # Mixture of Experts (maxlite/model/moe.py); 0 experts: every layer dense.
   model.num_experts = 0
   model.experts_per_token = 2  # top-k
@@ -79,11 +85,25 @@ def get_config() -> ml_collections.ConfigDict:
   train.eval_interval = 100
   train.eval_steps = 4
   train.log_interval = 10
+  # lm-evaluation-harness tasks (comma-separated; pip install 'maxlite[eval]') run
+  # every eval_harness_interval steps and at the end on the saved checkpoint,
+  # logged beside val_loss as 'harness/<task>/<metric>'. '': off.
+  train.eval_harness_tasks = ''
+  train.eval_harness_interval = 0  # 0: train.eval_interval
+  train.eval_harness_limit = 0  # documents per task; 0: all
+  train.eval_harness_include_path = ''  # a folder of task YAML files of your own
   train.nonfinite = 'stop'  # a NaN/inf loss: stop naming the step | skip the update
   train.max_skipped_in_a_row = 10  # nonfinite='skip': stop after this many skips in a row
   train.transfer_guard = 'disallow'  # catch implicit host<->device copies in the loop
+  # A persistent compilation cache: a later run of the same step loads it
+  # instead of compiling; '' off. Share it only with people you trust (it holds code).
+  train.compile_cache_dir = ''
+  # 'START:STOP': a jax.profiler trace of steps START to STOP-1 in <run_dir>/profile; '' off.
+  train.profile_steps = ''
 
   optim = config.optim = ml_collections.ConfigDict()
+  # adamw | muon: Muon for the hidden matrices, AdamW (b1, b2, eps) for the embedding, norms and head.
+  optim.name = 'adamw'
   optim.lr = 3e-3
   optim.min_lr = 3e-4
   optim.warmup_steps = 20
@@ -94,6 +114,11 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.95
   optim.eps = 1e-8
   optim.grad_clip = 1.0  # global norm; 0 disables
+  optim.muon_lr = 0.0  # muon: peak lr of the hidden matrices, on optim.lr's schedule; 0: optim.lr
+  optim.muon_momentum = 0.95  # muon: Nesterov momentum of the orthogonalised matrices
+  # muon: scale each orthogonalised update to this RMS x lr, about AdamW's (Moonlight), so that
+  # Muon's lr is on AdamW's scale; 0: Keller Jordan's sqrt(max(1, fan_out/fan_in)).
+  optim.muon_rms_match = 0.2
   # dtype in which gradients are summed across devices (fsdp reduce-scatter,
   # data all-reduce). float32: a sum over many devices keeps its low bits.
   optim.grad_reduce_dtype = 'float32'
@@ -103,12 +128,17 @@ def get_config() -> ml_collections.ConfigDict:
   parallel.fsdp = 1
   parallel.expert = 1  # splits the experts and, with data and fsdp, the batch
   parallel.tensor = 1
+  parallel.context = 1  # splits every row along its length (long context); see README
   parallel.pipeline = 1  # stages; the blocks' layers are split between them
   # Micro-batches that each micro-step's batch is split into for the pipeline; 0: one per stage.
   parallel.pipeline_microbatches = 0
-  # 1: all-forward-all-backward (GPipe); R > 1: circular, each stage runs R
-  # groups of layers (bubble (stages-1)/(R*micro-batches+stages-1), R times the hops).
+  # Layer groups per stage: 1 for 'afab' and '1f1b'; R > 1 for 'circular' and
+  # 'interleaved_1f1b' (bubble (stages-1)/(R*micro-batches+stages-1), R times the hops).
   parallel.pipeline_repeats = 1
+  # 'afab' (GPipe) and 'circular': backward by autodiff, activations of every
+  # micro-batch alive at once; '1f1b' and 'interleaved_1f1b': one forward and
+  # one backward per iteration, O(stages) micro-batches alive (maxlite.model.pipeline_1f1b).
+  parallel.pipeline_schedule = 'afab'
   parallel.zero1 = False  # shard optimizer state over `data` as well
 
   checkpoint = config.checkpoint = ml_collections.ConfigDict()
@@ -129,4 +159,10 @@ def get_config() -> ml_collections.ConfigDict:
   logging = config.logging = ml_collections.ConfigDict()
   logging.peak_flops_per_device = 0.0  # 0: look the device kind up in maxlite.metrics
   logging.tensorboard = True  # written when tensorboardX or tensorflow is installed
+  # Weights & Biases (pip install 'maxlite[wandb]'): '' is off. A resumed run_dir
+  # continues its W&B run; WANDB_MODE=offline logs to <run_dir>/wandb/.
+  logging.wandb_project = ''
+  logging.wandb_entity = ''  # '': your default entity
+  logging.wandb_run_name = ''  # '': the run_dir's name
+  logging.wandb_tags = ''  # comma-separated
   return config

@@ -31,9 +31,10 @@ def _add_reader_arguments(parser):
   group.add_argument('--input', nargs='+', required=True, metavar='PATH',
                      help='files, globs or folders (recursive, sorted, hidden files skipped); '
                           'a folder for hf/hf_disk; a dataset name for tfds')
-  group.add_argument('--format', default='auto', choices=FORMATS,
+  group.add_argument('--format', default='auto', choices=FORMATS + ('nanogpt_bin',),
                      help='auto: by extension (.jsonl/.json/.parquet, otherwise text; a saved '
-                          'HF dataset folder is hf_disk)')
+                          'HF dataset folder is hf_disk); nanogpt_bin: pre-tokenized .bin files '
+                          'of nanoGPT, modded-nanogpt or NeMo (prepare only)')
   group.add_argument('--split_by', default='file', choices=SPLIT_BY,
                      help='text inputs: one document per file, per non-blank line, or per '
                           'blank-line separated paragraph')
@@ -81,6 +82,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      help='SentencePiece .model or HF tokenizer.json; copied into the output')
   group.add_argument('--bos_token', default='', help='hf: BOS token name (default: a known spelling)')
   group.add_argument('--eos_token', default='', help='hf: EOS token name (default: a known spelling)')
+  group.add_argument('--vocab_size', type=int, default=None,
+                     help='nanogpt_bin without --tokenizer_file: the ids\' vocabulary size')
+  group.add_argument('--eot_id', type=int, default=None,
+                     help='nanogpt_bin: the id that separates documents (default: the tokenizer\'s '
+                          'EOS for nanoGPT files, BOS for the others; 50256 without a tokenizer)')
   _flag_pair(group, 'add_bos', 'Prepend BOS to each document')
   _flag_pair(group, 'add_eos', 'Append EOS to each document')
   group = prep.add_argument_group('output')
@@ -128,17 +134,34 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args):
+  if args.format == 'nanogpt_bin':
+    meta = _prepare_bin(args)
+  else:
+    meta = _prepare_text(args)
+  splits = meta['splits']
+  print(f'wrote {args.output}: ' + ', '.join(
+      f'{name} {s["documents"]:,} documents / {s["tokens"]:,} tokens' for name, s in splits.items()) +
+      f'; skipped {meta["skipped"]["empty_documents"]:,} empty')
+
+
+def _prepare_bin(args):
+  from data_prep.nanogpt_bin import prepare_bin
+  return prepare_bin(args.input, args.output, tokenizer_file=args.tokenizer_file,
+                     vocab_size=args.vocab_size, eot_id=args.eot_id, bos_token=args.bos_token,
+                     eos_token=args.eos_token, val_fraction=args.val_fraction,
+                     val_documents=args.val_documents, max_tokens=args.max_tokens,
+                     docs_per_shard=args.docs_per_shard, overwrite=args.overwrite,
+                     command=['python', '-m', 'data_prep', *sys.argv[1:]])
+
+
+def _prepare_text(args):
   from data_prep.prepare import prepare
-  meta = prepare(args.input, args.output, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
+  return prepare(args.input, args.output, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
                  bos_token=args.bos_token, eos_token=args.eos_token, add_bos=args.add_bos,
                  add_eos=args.add_eos, val_fraction=args.val_fraction, val_documents=args.val_documents,
                  max_tokens=args.max_tokens, docs_per_shard=args.docs_per_shard, workers=args.workers,
                  overwrite=args.overwrite, command=['python', '-m', 'data_prep', *sys.argv[1:]],
                  **_read_options(args))
-  splits = meta['splits']
-  print(f'wrote {args.output}: ' + ', '.join(
-      f'{name} {s["documents"]:,} documents / {s["tokens"]:,} tokens' for name, s in splits.items()) +
-      f'; skipped {meta["skipped"]["empty_documents"]:,} empty')
 
 
 def _train_tokenizer(args):

@@ -7,6 +7,7 @@ jax.distributed start-up path runs, on loopback:
       python -m maxlite.train --config=configs/tiny.py
 
 --cpu_devices=M   each process sees M fake CPU devices (collectives over gloo)
+                  (the only XLA flag set here; maxlite/xla_flags.py adds the rest in each process)
 --gpus_per_process=G   process i owns GPUs i*G .. i*G+G-1 of this machine
 --via=env         MAXLITE_COORDINATOR_ADDRESS, MAXLITE_NUM_PROCESSES, ... (Kubernetes style)
 --via=slurm       srun's variables (SLURM_PROCID, SLURM_STEP_NODELIST, ...)

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from maxlite import mesh as mesh_lib, state as state_lib, step as step_lib
+from maxlite import mesh as mesh_lib, state as state_lib, step as step_lib, xla_flags
 from maxlite.data import embedded, pipeline
 from maxlite.generate import read_run, restore_params
 from maxlite.model.attention import resolve_backend
@@ -196,6 +196,7 @@ def main(argv=None):
   parser.add_argument('--json', action='store_true', help='print the result as one JSON object')
   args = parser.parse_args(argv)
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  xla_flags.apply()  # before anything starts the backend, as train.py does
   try:
     result = evaluate(args.run_dir, args.data, step=args.step, batch_size=args.batch_size,
                       num_batches=args.num_batches, tensor=args.tensor, fsdp=args.fsdp,

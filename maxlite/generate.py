@@ -37,7 +37,7 @@ from flax import nnx
 
 from jax.sharding import PartitionSpec as P
 
-from maxlite import checkpoint, mesh as mesh_lib, state as state_lib
+from maxlite import checkpoint, mesh as mesh_lib, state as state_lib, xla_flags
 from maxlite.config import padded_vocab_size
 from maxlite.data import tokenizers
 from maxlite.model.llama import CACHE, KVCache, LlamaConfig
@@ -398,6 +398,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # Orbax logs every restore at INFO
+  xla_flags.apply()  # before anything starts the backend, as train.py does
   try:
     prompts = _read_prompts()
     sampling = Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)

@@ -5,8 +5,10 @@
 
 An exported folder loads with `transformers.LlamaForCausalLM.from_pretrained`;
 `import_params` reads such a folder (ours or any Llama without biases or rope
-scaling) back into maxlite's parameter layout. A Mixture of Experts with every
-layer MoE and no shared expert (maxlite.model.moe) is a Mixtral: it exports to
+scaling) back into maxlite's parameter layout. A µP model's forward multipliers
+are folded into its weights on the way out and back out on the way in
+(maxlite.model.parametrization.fold). A Mixture of Experts with every layer MoE
+and no shared expert (maxlite.model.moe) is a Mixtral: it exports to
 `MixtralForCausalLM` in the classic layout (`block_sparse_moe.experts.{e}.w1`,
 w2, w3 and `block_sparse_moe.gate`, which transformers 4 and 5 both read) and
 imports back; other MoE shapes are refused with the reason.
@@ -31,6 +33,7 @@ import numpy as np
 
 from maxlite import checkpoint, state as state_lib
 from maxlite.data import hf_tokenizer, tokenizers
+from maxlite.model import parametrization
 from maxlite.model.llama import LlamaConfig
 
 DTYPES = ('float32', 'bfloat16')
@@ -108,6 +111,8 @@ def hf_tensors(params: dict, cfg: LlamaConfig, dtype: str = 'float32') -> dict[s
   host = state_lib.resize_vocab(jax.tree.map(np.asarray, params), state_lib.abstract_model(cfg)[2],
                                 cfg.vocab_size)
   check_exportable(cfg, host)
+  # µP's logit and attention multipliers live in the weights of a plain Llama.
+  host = parametrization.fold(host, cfg)
   tensors = {}
   for name, (path, in_dims) in TOP_TENSORS.items():
     if name == 'lm_head' and cfg.tie_embeddings:
@@ -341,6 +346,7 @@ def import_params(hf_dir, cfg: LlamaConfig) -> dict:
         if weight.shape != want:
           raise ValueError(f'{file}: {name} has shape {list(weight.shape)}, expected {list(want)}')
         target[index] = _from_hf(weight, shape, in_dims).astype(target.dtype)
+  params = parametrization.fold(params, cfg, inverse=True)  # µP: the multipliers back out
   return state_lib.resize_vocab(params, logical, cfg.vocab_rows)
 
 

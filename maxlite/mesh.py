@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from maxlite.config import MESH_AXES
 
 # fsdp shards parameters (ZeRO-3) and the batch; data shards only the batch;
+# context splits every row along its length (maxlite.model.context);
 # tensor is Megatron column/row parallelism on heads, mlp and vocab (between
 # blocks it also splits the residual's length: maxlite.model.parallel);
 # pipeline splits the stacked layers into contiguous blocks, one per stage
@@ -34,7 +35,7 @@ LOGICAL_AXIS_RULES: Mapping[str, tuple[str, ...]] = {
     'experts': ('expert',),
     # activation dimensions
     'batch': ('data', 'fsdp', 'expert'),
-    'length': (),
+    'length': ('context',),
 }
 
 # ZeRO-1: the optimizer state's 'embed' dimension is also split over the batch
@@ -46,13 +47,15 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
   """A mesh over all devices, process by process; later axes vary fastest.
 
   Devices are ordered by process, then id, and the axes pipeline, data, fsdp,
-  expert, tensor are laid out outermost first. So with several hosts the outer
-  axes (pipeline, then data, then fsdp) are the ones that cross hosts, and a
-  tensor group stays within a host as long as `tensor` divides the devices per
-  host; an expert group (expert x tensor devices, which exchange tokens in
-  every MoE layer) as long as expert x tensor does. Pipeline stages exchange
-  only one micro-batch's activations per iteration, point to point, which is
-  why they are the first to cross hosts. Axes missing from `sizes` are 1.
+  context, expert, tensor are laid out outermost first. So with several hosts
+  the outer axes (pipeline, then data, then fsdp) are the ones that cross
+  hosts, and a tensor group stays within a host as long as `tensor` divides
+  the devices per host; an expert group (expert x tensor devices, which
+  exchange tokens in every MoE layer) as long as expert x tensor does;
+  `context`, which all-gathers keys and values every layer, is next.
+  An axis missing from `sizes` has size 1.
+  Pipeline stages exchange only one micro-batch's activations per iteration,
+  point to point, which is why they are the first to cross hosts.
   """
   devices = jax.devices() if devices is None else devices
   devices = np.asarray(sorted(devices, key=lambda d: (d.process_index, d.id)))

@@ -93,8 +93,9 @@ class MetricWriter:
   the console, where maxlite prints one line per event.
   """
 
-  def __init__(self, run_dir: pathlib.Path, tensorboard: bool):
+  def __init__(self, run_dir: pathlib.Path, tensorboard: bool, wandb=None):
     self.active = jax.process_index() == 0
+    self.wandb = wandb  # a wandb_log.WandbLogger, or None
     self.jsonl = None
     self.tensorboard = None
     name = 'maxlite.log' if self.active else f'maxlite.{jax.process_index()}.log'
@@ -116,6 +117,8 @@ class MetricWriter:
     if self.tensorboard is not None:
       for name, value in scalars.items():
         self.tensorboard.add_scalar(name, value, step)
+    if self.wandb is not None:
+      self.wandb.log(step, scalars)
 
   def info(self, message: str):
     if self.active:
@@ -126,6 +129,8 @@ class MetricWriter:
       self.jsonl.close()
     if self.tensorboard is not None:
       self.tensorboard.close()
+    if self.wandb is not None:
+      self.wandb.close()
     logging.getLogger().removeHandler(self.library_log)
     self.library_log.close()
     for handler, level in self.quieted:

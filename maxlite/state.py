@@ -47,14 +47,34 @@ def init_params(cfg: LlamaConfig, seed: int):
 
 def state_shardings(mesh, abstract_state: TrainState, logical_params, tx, zero1: bool):
   """Params follow the rule table; optimizer moments mirror their params (plus
-  `data` under ZeRO-1); everything else (step, counters) is replicated."""
+  `data` under ZeRO-1); everything else (step, counters) is replicated.
+
+  A moment is found by its key path, which ends in its parameter's (e.g.
+  `...mu['blocks']['mlp']['up']['kernel']`), and by its shape: unlike
+  optax.tree_map_params this also sees through optax.partition's masked
+  states (optim.name='muon').
+  """
+  del tx  # the state's own paths say which leaves are moments
   params = mesh_lib.tree_shardings(mesh, logical_params, abstract_state.params)
   opt_rules = mesh_lib.ZERO1_RULES if zero1 else mesh_lib.LOGICAL_AXIS_RULES
   replicated = NamedSharding(mesh, P())
-  opt_state = optax.tree_map_params(
-      tx, lambda x, logical: mesh_lib.named_sharding(mesh, logical, x.shape, opt_rules),
-      abstract_state.opt_state, logical_params,
-      transform_non_params=lambda _: replicated)
+  logical_by_path = {tuple(k.key for k in path): logical for path, logical in
+                     jax.tree_util.tree_flatten_with_path(logical_params)[0]}
+  shapes_by_path = {tuple(k.key for k in path): x.shape for path, x in
+                    jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]}
+
+  def sharding(path, x):
+    keys = []  # the trailing dict keys of the path: the parameter's own path, if any
+    for entry in reversed(path):
+      if not isinstance(entry, jax.tree_util.DictKey):
+        break
+      keys.insert(0, entry.key)
+    keys = tuple(keys)
+    if keys in logical_by_path and shapes_by_path[keys] == x.shape:
+      return mesh_lib.named_sharding(mesh, logical_by_path[keys], x.shape, opt_rules)
+    return replicated
+
+  opt_state = jax.tree_util.tree_map_with_path(sharding, abstract_state.opt_state)
   return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 

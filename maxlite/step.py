@@ -9,7 +9,10 @@ model's own collectives (maxlite.model.parallel) move what must cross devices
 within a micro-step. Gradients stay per device across gradient accumulation
 and are summed over `data` once per step, in optim.grad_reduce_dtype (with
 ZeRO-1 reduce-scattered, so that each device receives only the slice its
-optimizer state updates). The optimizer update then runs on the sharded
+optimizer state updates). `context` is summed over in the same place: its
+devices hold different tokens of the same rows, as `data`'s hold different
+rows, and the batch is put in its load-balanced order on the way in
+(maxlite.model.context). The optimizer update then runs on the sharded
 state outside the per-device region.
 """
 import dataclasses
@@ -23,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
 
 from maxlite import mesh as mesh_lib, optim, state as state_lib
-from maxlite.model import moe, parallel, pipeline
+from maxlite.model import context, moe, parallel, pipeline, pipeline_1f1b
 from maxlite.model.llama import STACKS
 from maxlite.state import TrainState
 
@@ -65,6 +68,9 @@ class Layout:
     param_specs = specs(mesh_lib.LOGICAL_AXIS_RULES)
     grad_specs = specs(mesh_lib.ZERO1_RULES) if zero1 else param_specs
     batch_spec = mesh_lib.logical_to_spec(BATCH, batch_shape, sizes) if batch_shape else P(mesh_lib.LOGICAL_AXIS_RULES['batch'])
+    # The per-device step reorders each device's slice of the rows (model.context):
+    # with context parallelism every row must arrive split along its length.
+    assert sizes.get('context', 1) == 1 or batch_spec[1:2] == ('context',), (batch_spec, batch_shape)
     return cls(mesh, param_specs, grad_specs, batch_spec,
                schedule if schedule and schedule.stages > 1 else None)
 
@@ -105,10 +111,11 @@ def _sum_over_devices(x):
   return jax.lax.psum(x, axes) if axes else x
 
 
-# Axes that split the batch but replicate (most) weights: the step sums gradients
-# over them once. `expert` also splits the experts: their weights' gradients
-# are already whole per device and are not summed over it.
-REPLICA_AXES = ('data', 'expert')
+# Axes whose devices hold different tokens but the same (most) weights: the step
+# sums gradients over them once. `data` and `expert` split the batch's rows,
+# `context` its rows' length; `expert` also splits the experts: their weights'
+# gradients are already whole per device and are not summed over it.
+REPLICA_AXES = ('data', 'context', 'expert')
 
 
 def _replica_axes(x) -> tuple[str, ...]:
@@ -117,9 +124,9 @@ def _replica_axes(x) -> tuple[str, ...]:
 
 
 def _sum_over_data(grad, spec: P, reduce_dtype: str, axes: tuple[str, ...]):
-  """The step's one reduction over the replica `axes` (`data`, and `expert` for
-  non-expert weights): psum, or psum_scatter into the dimension that ZeRO-1
-  splits over them as well."""
+  """The step's one reduction over the replica `axes` (`data`, `context`, and
+  `expert` for non-expert weights): psum, or psum_scatter into the dimension
+  that ZeRO-1 splits over them as well (data and expert; the rest is psummed)."""
   if not axes:
     return grad
   summed = grad.astype(reduce_dtype)
@@ -137,11 +144,14 @@ def _sum_over_data(grad, spec: P, reduce_dtype: str, axes: tuple[str, ...]):
 
 def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, layout: Layout):
   """(gradient sums, cross-entropy sum, token count, MoE metrics) on this device's shards."""
+  batch = context.balance(batch)
   # Each device's gradients stay its own until the end of the step: their one
   # sum over the replica axes is below, not inside every micro-step.
   replicas = jax.tree.map(_replica_axes, params)
   params = jax.tree.map(lambda p, a: jax.lax.pcast(p, a, to='varying') if a else p, params, replicas)
   grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  if layout.schedule and layout.schedule.one_f_one_b:  # the schedule runs its own backward
+    grad_fn = functools.partial(_one_f_one_b, schedule=layout.schedule)
   if settings.grad_accum_steps == 1:
     (_, (ce_sum, count, moe_metrics)), grad_sums = grad_fn(params, graphdef, batch, settings)
   else:
@@ -160,6 +170,15 @@ def _per_device_gradients(params, batch, *, graphdef, settings: StepSettings, la
       lambda g, spec, axes: _sum_over_data(g, spec, settings.grad_reduce_dtype, axes),
       grad_sums, layout.grad_specs, replicas, is_leaf=lambda x: isinstance(x, P))
   return grad_sums, _sum_over_devices(ce_sum), _sum_over_devices(count), moe_metrics
+
+
+def _one_f_one_b(params, graphdef, batch, settings: StepSettings, *, schedule):
+  (objective, aux), grads = pipeline_1f1b.value_and_grad(
+      params, graphdef, batch, schedule=schedule, compute_dtype=settings.compute_dtype,
+      z_loss_weight=settings.z_loss_weight)
+  # Back into params' container types (a plain dict of the same sorted keys and
+  # leaves); no MoE metrics (config validation keeps MoE off the 1F1B schedules).
+  return (objective, (*aux, {})), jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(grads))
 
 
 def _stage_order(tree, schedule, inverse: bool = False):
@@ -227,7 +246,7 @@ def eval_step(params, batch, *, graphdef, settings: StepSettings, layout: Layout
   params = _stage_order(params, layout.schedule)
 
   def per_device(params, batch):
-    _, (ce_sum, count, _) = loss_sums(params, graphdef, batch, settings)
+    _, (ce_sum, count, _) = loss_sums(params, graphdef, context.balance(batch), settings)
     return _sum_over_devices(ce_sum), _sum_over_devices(count)
 
   return mesh_lib.per_device(per_device, layout.mesh,

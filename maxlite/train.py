@@ -6,6 +6,7 @@ train() builds everything in order (platform, run directory, mesh, data,
 state, step, checkpoint, compile) and then runs the loop; the helpers below it
 follow the same order.
 """
+import collections
 import dataclasses
 import json
 import os
@@ -21,22 +22,27 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from clu import parameter_overview
 from ml_collections import config_flags
 
 from maxlite import config as config_lib
 from maxlite import mesh as mesh_lib
 from maxlite import metrics as metrics_lib
-from maxlite import distributed, hf, optim, preemption, state as state_lib, step as step_lib
+from maxlite import distributed, hf, optim, preemption, profiling, state as state_lib, step as step_lib
+from maxlite import wandb_log
 from maxlite import checkpoint as checkpoint_lib
+from maxlite import xla_flags
 from maxlite.checkpoint import Checkpointer
 from maxlite.data import embedded, pipeline, tokenizers
+from maxlite.model import parametrization
 from maxlite.model.attention import resolve_backend
 from maxlite.model.llama import LlamaConfig
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 
 _MAX_STEPS_IN_FLIGHT = 4
+_ETA_INTERVALS = 5
 
 
 class TrainingError(RuntimeError):
@@ -46,11 +52,14 @@ class TrainingError(RuntimeError):
 def train(config) -> list[dict]:
   """Runs (or resumes) the configured training; returns the logged metrics."""
   # -- platform --------------------------------------------------------------
+  flags_line = xla_flags.apply(config.platform)  # XLA reads them when the backend starts
   if config.platform:
     jax.config.update('jax_platforms', config.platform)
   distributed.initialize(config.distributed)  # before anything touches a device
   if 'float64' in (config.model.param_dtype, config.model.compute_dtype):
     jax.config.update('jax_enable_x64', True)
+  if config.train.compile_cache_dir:
+    compilation_cache.set_cache_dir(config.train.compile_cache_dir)
   mesh_sizes = config_lib.validate(config, jax.device_count())
   model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, mesh_sizes))
   try:  # the attention backend that this platform runs, resolved once
@@ -75,7 +84,9 @@ def train(config) -> list[dict]:
     check_resumable(run_dir, config)
   distributed.barrier('maxlite_run_dir_checked')  # before process 0 writes to it
   run_dir.mkdir(parents=True, exist_ok=True)
-  writer = metrics_lib.MetricWriter(run_dir, config.logging.tensorboard)
+  writer = metrics_lib.MetricWriter(
+      run_dir, config.logging.tensorboard,
+      wandb_log.WandbLogger(run_dir, config, config.logging) if config.logging.wandb_project else None)
   if jax.process_index() == 0:
     (run_dir / 'config.json').write_text(config.to_json_best_effort(indent=2))
     # For generate and HF export; a mixture's sources agree on BOS/EOS (pipeline.open_datasets).
@@ -88,6 +99,7 @@ def train(config) -> list[dict]:
   device_kind = jax.devices()[0].device_kind
   writer.info(f'mesh: {dict(mesh.shape)} over {jax.device_count()} x {device_kind} '
               f'in {jax.process_count()} process(es)')
+  writer.info(flags_line)
   writer.info(f'attention: {config.model.attention} -> {model_cfg.attention} ({jax.default_backend()})')
   if model_cfg.pipeline_stages > 1:
     writer.info(model_cfg.pipeline_schedule.describe(model_cfg.num_layers))
@@ -104,7 +116,9 @@ def train(config) -> list[dict]:
     # -- state and steps -----------------------------------------------------------------
     _, _, logical = state_lib.abstract_model(model_cfg)
     tx = optim.make_optimizer(config.optim, train_cfg.steps, logical,
-                              skip_nonfinite=train_cfg.nonfinite == 'skip')
+                              skip_nonfinite=train_cfg.nonfinite == 'skip',
+                              lr_multipliers=parametrization.lr_multipliers(model_cfg, logical,
+                                                                            config.optim))
     steps = step_lib.build(config, model_cfg, mesh, tx)  # jitted; compiled below
     _, _, state, shardings = state_lib.create_train_state(
         model_cfg, tx, mesh, config.seed, config.parallel.zero1)
@@ -147,6 +161,13 @@ def train(config) -> list[dict]:
           steps.eval, state.params, steps.batch_shapes(train_cfg.micro_batch_size, seq_len))
       writer.info(f'compiled the eval step in {seconds:.1f}s')
 
+    # -- downstream evals (lm-eval) on the live parameters -----------------------------
+    harness = None
+    if train_cfg.eval_harness_tasks:
+      from maxlite import lm_eval  # imports the harness only when asked for
+      harness = lm_eval.TrainingHarness(config, model_cfg, mesh, tokenizer,
+                                        add_bos=datasets[0].meta.get('add_bos', True))
+
     # -- loop --------------------------------------------------------------------------
     config_json = config.to_json_best_effort()
     log = StepLog(
@@ -154,34 +175,42 @@ def train(config) -> list[dict]:
         flops_per_token=metrics_lib.flops_per_token(config.model, seq_len),
         causal_flops_per_token=metrics_lib.flops_per_token(config.model, seq_len, causal=True),
         peak=metrics_lib.peak_flops_per_device(device_kind, config.logging.peak_flops_per_device))
+    trace = profiling.StepTrace(train_cfg.profile_steps, run_dir)
     with preemption.StopSignal() as stop_signal:
       try:
         for step in range(start + 1, train_cfg.steps + 1):
           batch = next(batches)
+          is_last = step == train_cfg.steps
+          trace.before(step, state)
           with jax.transfer_guard(train_cfg.transfer_guard):
             state, step_metrics = train_step(state, batch)
+          trace.after(step, step_metrics, is_last)
           log.add(step_metrics)
-          is_last = step == train_cfg.steps
           at_log_step = is_last or step % train_cfg.log_interval == 0
           at_eval_step = is_last or (train_cfg.eval_interval and step % train_cfg.eval_interval == 0)
+          at_harness_step = harness is not None and (is_last or step % harness.interval == 0)
           stopping = not is_last and stop_signal.should_stop(at_sync_point=at_log_step)
           saving = stopping or checkpointer.should_save(step, train_cfg.steps)
-          if saving or at_log_step:
+          if saving or at_log_step or at_harness_step:
             log.flush(step)  # before any save: never save a non-finite state
           if train_cfg.eval_steps and at_eval_step:
             log.validation(step, evaluate(eval_step, state.params, data_plan.validation_batches()))
+          if at_harness_step:
+            log.harness(step, harness(state.params))
           if saving:
             checkpointer.save(step, state, config_json, *batches.checkpoint_state())
           if stopping:
             writer.info(f'{stop_signal.received or "a stop signal"} received: saved step {step} of '
                         f'{train_cfg.steps}; run the same command again to resume')
             break
-          if saving or at_log_step:
+          if saving or at_log_step or at_harness_step:
             log.start_interval()  # eval and save time are not step time
       except BaseException:
+        trace.stop()
         checkpointer.close(report_failure=False)  # the error already raised is the one to report
         raise
       else:
+        trace.stop()
         checkpointer.close()  # waits for the last save to be on disk
       finally:
         writer.close()
@@ -455,6 +484,10 @@ class StepLog:
   pending: list[dict] = dataclasses.field(default_factory=list)
   history: list[dict] = dataclasses.field(default_factory=list)
   interval_start: float = dataclasses.field(default_factory=time.perf_counter)
+  loop_start: float = dataclasses.field(default_factory=time.perf_counter)
+  # (seconds, steps) of the last few log intervals, eval and save excluded: the ETA's pace.
+  recent: collections.deque = dataclasses.field(
+      default_factory=lambda: collections.deque(maxlen=_ETA_INTERVALS))
 
   def start_interval(self):
     self.interval_start = time.perf_counter()
@@ -474,11 +507,16 @@ class StepLog:
     self.pending.clear()
     last = {k: float(v) for k, v in fetched[-1].items() if k != 'state_finite'}
     tokens_per_second = self.tokens_per_step * len(fetched) / seconds
+    self.recent.append((seconds, len(fetched)))
+    pace = sum(s for s, _ in self.recent) / sum(n for _, n in self.recent)
     record = {'loss': last['loss'], 'grad_norm': last['grad_norm'], 'lr': last['lr'],
-              'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched)}
+              'tokens_per_second': tokens_per_second, 'step_time': seconds / len(fetched),
+              'elapsed_s': time.perf_counter() - self.loop_start,
+              'eta_s': pace * (self.train_cfg.steps - step)}
     line = (f'step {step:>6}/{self.train_cfg.steps}  loss {last["loss"]:.4f}  grad_norm '
             f'{last["grad_norm"]:.3f}  lr {last["lr"]:.2e}  {tokens_per_second:,.0f} tok/s  '
-            f'{1e3 * record["step_time"]:.1f} ms/step')
+            f'{1e3 * record["step_time"]:.1f} ms/step  elapsed {hours_minutes(record["elapsed_s"])}'
+            f'  ETA {hours_minutes(record["eta_s"])}')
     if 'moe_load' in last:  # Mixture of Experts: balance loss, max/mean assignments per expert
       record.update({k: v for k, v in last.items() if k.startswith('moe_')})
       line += f'  balance {last["moe_balance"]:.3f}  load {last["moe_load"]:.2f}'
@@ -528,6 +566,18 @@ class StepLog:
     self.writer.write(step, {'val_loss': val_loss},
                       f'step {step:>6}/{self.train_cfg.steps}  val_loss {val_loss:.4f}')
     self.history.append({'step': step, 'val_loss': val_loss})
+
+  def harness(self, step: int, scores: dict):
+    scalars = {f'harness/{name}': value for name, value in scores.items()}
+    self.writer.write(step, scalars, f'step {step:>6}/{self.train_cfg.steps}  ' + '  '.join(
+        f'{name} {value:.4f}' for name, value in scores.items()))
+    self.history.append({'step': step, **scalars})
+
+
+def hours_minutes(seconds: float) -> str:
+  """h:mm, rounded to the minute: '0:07', '12:30'."""
+  minutes = int(round(seconds / 60))
+  return f'{minutes // 60}:{minutes % 60:02d}'
 
 
 def _short(count: int) -> str:

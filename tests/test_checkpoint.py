@@ -65,6 +65,19 @@ def test_ten_steps_then_a_resume_repeat_the_straight_losses_exactly(straight_run
   assert 'from its checkpoint at step 10' in out and 'loader continues from its state at step 10' in out
 
 
+def test_a_muon_run_resumes_exactly_on_a_sharded_mesh(tmp_path):
+  # Muon's state (momentum of the matrices, Adam's moments of the rest, under
+  # optax.partition's masks) is sharded like the params and restored exactly.
+  config = tiny_config(tmp_path / 'run', steps=6, log_interval=1, eval_steps=0, eval_interval=0)
+  config.optim.name = 'muon'
+  config.parallel.data, config.parallel.fsdp, config.parallel.tensor = 2, 2, 2
+  config.checkpoint.interval = 3
+  straight = losses(train(config))
+  resumed_dir = resume_copy(tmp_path / 'run', 'resumed', [6])
+  config.train.run_dir = str(resumed_dir)
+  assert losses(train(config)) == {step: straight[step] for step in range(4, 7)}
+
+
 def test_loader_state_for_another_number_of_shards_gives_a_fresh_shuffle(straight_run, capsys):
   # A loader shard's state covers its own slice of the documents, so the one
   # shard of the straight run does not restore onto two: the loader reshuffles

@@ -24,23 +24,30 @@ BASE_KEYS = [
     'data.shuffle', 'data.source', 'data.val_fraction', 'data.worker_buffer_size',
     'data.worker_count',
     'distributed.heartbeat_timeout_s', 'distributed.init_timeout_s', 'distributed.mode',
-    'logging.peak_flops_per_device', 'logging.tensorboard',
+    'logging.peak_flops_per_device', 'logging.tensorboard', 'logging.wandb_entity',
+    'logging.wandb_project', 'logging.wandb_run_name', 'logging.wandb_tags',
     'model.attention', 'model.compute_dtype', 'model.experts_per_token', 'model.head_dim',
     'model.hidden_size', 'model.init_std', 'model.intermediate_size', 'model.max_seq_len',
     'model.moe_balance_loss_weight', 'model.moe_bias_update_rate', 'model.moe_capacity_factor',
     'model.moe_dispatch', 'model.moe_every', 'model.moe_intermediate_size',
-    'model.moe_router_z_loss_weight', 'model.moe_shared_expert_size', 'model.norm_eps',
+    'model.moe_router_z_loss_weight', 'model.moe_shared_expert_size',
+    'model.mup_base_head_dim', 'model.mup_base_width', 'model.norm_eps',
     'model.num_experts', 'model.num_heads', 'model.num_kv_heads', 'model.num_layers', 'model.param_dtype',
-    'model.remat', 'model.rope_theta', 'model.scan_layers', 'model.tie_embeddings',
+    'model.parametrization', 'model.remat', 'model.rope_theta', 'model.scan_layers', 'model.tie_embeddings',
     'model.vocab_size', 'model.z_loss_weight',
     'optim.anneal_start_step', 'optim.b1', 'optim.b2', 'optim.decay', 'optim.eps',
-    'optim.grad_clip', 'optim.grad_reduce_dtype', 'optim.lr', 'optim.min_lr', 'optim.warmup_steps', 'optim.weight_decay',
-    'parallel.data', 'parallel.expert', 'parallel.fsdp', 'parallel.pipeline', 'parallel.pipeline_microbatches',
-    'parallel.pipeline_repeats', 'parallel.tensor', 'parallel.zero1',
+    'optim.grad_clip', 'optim.grad_reduce_dtype', 'optim.lr', 'optim.min_lr',
+    'optim.muon_lr', 'optim.muon_momentum', 'optim.muon_rms_match', 'optim.name',
+    'optim.warmup_steps', 'optim.weight_decay',
+    'parallel.context', 'parallel.data', 'parallel.expert', 'parallel.fsdp', 'parallel.pipeline',
+    'parallel.pipeline_microbatches', 'parallel.pipeline_repeats', 'parallel.pipeline_schedule',
+    'parallel.tensor', 'parallel.zero1',
     'platform', 'seed',
-    'train.eval_interval', 'train.eval_steps', 'train.fresh_start', 'train.grad_accum_steps',
-    'train.log_interval', 'train.max_skipped_in_a_row', 'train.micro_batch_size',
-    'train.nonfinite', 'train.run_dir', 'train.steps', 'train.transfer_guard',
+    'train.compile_cache_dir', 'train.eval_harness_include_path', 'train.eval_harness_interval',
+    'train.eval_harness_limit', 'train.eval_harness_tasks', 'train.eval_interval', 'train.eval_steps',
+    'train.fresh_start', 'train.grad_accum_steps', 'train.log_interval', 'train.max_skipped_in_a_row',
+    'train.micro_batch_size', 'train.nonfinite', 'train.profile_steps', 'train.run_dir',
+    'train.steps', 'train.transfer_guard',
 ]
 
 
@@ -74,7 +81,8 @@ BROKEN = [
     ({'model.head_dim': 15}, 8, r'head dim 15 must be even'),
     ({'model.param_dtype': 'float16'}, 8, r"model\.param_dtype='float16' is not one of"),
     ({'model.compute_dtype': 'fp8'}, 8, r"model\.compute_dtype='fp8' is not one of"),
-    ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls'\)"),
+    ({'model.remat': 'some'}, 8, r"model\.remat='some' is not one of \('none', 'full', 'save_matmuls', "
+                                 r"'save_qkv', 'save_attention', 'offload_attention'\)"),
     ({'model.attention': 'flash'}, 8, r"model\.attention='flash' is not one of \('auto', 'xla', 'cudnn', 'pallas'\)"),
     *[({f'model.{f}': 0.0}, 8, r'model\.norm_eps, model\.init_std and model\.rope_theta must be > 0')
       for f in ('norm_eps', 'init_std', 'rope_theta')],
@@ -93,11 +101,20 @@ BROKEN = [
     ({'train.micro_batch_size': 0}, 8, r'train\.micro_batch_size=0 must be >= 1'),
     ({'train.grad_accum_steps': 0}, 8, r'train\.grad_accum_steps=0 must be >= 1'),
     ({'train.eval_interval': -1}, 8, r'train\.eval_interval=-1 must be >= 0'),
+    ({'train.eval_harness_limit': -1}, 8, r'train\.eval_harness_limit=-1 must be >= 0'),
+    ({'train.eval_harness_tasks': 'arc_easy', 'parallel.pipeline': 2, 'parallel.data': 4}, 8,
+     r'train\.eval_harness_tasks needs parallel\.pipeline=1 \(it is 2\)'),
+    ({'train.eval_harness_tasks': 'arc_easy', 'train.eval_interval': 0}, 8,
+     r'train\.eval_harness_tasks needs train\.eval_harness_interval or train\.eval_interval > 0'),
     ({'train.eval_steps': -1}, 8, r'train\.eval_steps=-1 must be >= 0'),
     ({'train.log_interval': 0}, 8, r'train\.log_interval=0 must be >= 1'),
     ({'train.run_dir': ''}, 8, r'train\.run_dir must be set'),
     ({'train.nonfinite': 'ignore'}, 8, r"train\.nonfinite='ignore' is not one of \('stop', 'skip'\)"),
     ({'train.max_skipped_in_a_row': 0}, 8, r'train\.max_skipped_in_a_row=0 must be >= 1'),
+    ({'train.profile_steps': '10'}, 8, r"train\.profile_steps='10' must be 'START:STOP'"),
+    ({'train.profile_steps': '10:x'}, 8, r"train\.profile_steps='10:x' must be 'START:STOP'"),
+    ({'train.profile_steps': '5:5'}, 8, r"train\.profile_steps='5:5' needs 1 <= START < STOP"),
+    ({'train.profile_steps': '0:3'}, 8, r"train\.profile_steps='0:3' needs 1 <= START < STOP"),
     ({'checkpoint.max_to_keep': 0}, 8, r'checkpoint\.max_to_keep=0 must be >= 1'),
     ({'checkpoint.keep_every': -1}, 8, r'checkpoint\.keep_every=-1 must be >= 0'),
     ({'checkpoint.interval': -1}, 8, r'checkpoint\.interval=-1 must be >= 0'),
@@ -119,16 +136,21 @@ BROKEN = [
     ({'optim.grad_clip': -1.0}, 8, r'optim\.grad_clip=-1\.0 must be >= 0'),
     ({'optim.grad_reduce_dtype': 'float16'}, 8,
      r"optim\.grad_reduce_dtype='float16' is not one of \('float32', 'bfloat16'\)"),
+    # µP and Muon
+    ({'model.parametrization': 'mu'}, 8, r"model\.parametrization='mu' is not one of \('standard', 'mup'\)"),
+    ({'model.parametrization': 'mup'}, 8, r"model\.mup_base_width=0 must be >= 1 with model\.parametrization='mup'"),
+    ({'optim.name': 'sgd'}, 8, r"optim\.name='sgd' is not one of \('adamw', 'muon'\)"),
+    ({'optim.muon_momentum': 1.0}, 8, r'optim\.muon_momentum=1\.0 must be in \[0, 1\)'),
     # mesh_shape
     ({'parallel.data': -1, 'parallel.tensor': -1}, 8, r"only one axis may be -1, got \['data', 'tensor'\]"),
     ({'parallel.fsdp': 0}, 8, r'parallel\.fsdp=0 must be >= 1 or -1'),
     ({'parallel.tensor': -2}, 8, r'parallel\.tensor=-2 must be >= 1 or -1'),
     ({'parallel.fsdp': 3}, 8, r'8 devices are not divisible by the fixed axes product 3 '
-                              r'\(data=-1, fsdp=3, expert=1, tensor=1, pipeline=1\)'),
+                              r'\(data=-1, fsdp=3, context=1, expert=1, tensor=1, pipeline=1\)'),
     ({'parallel.data': 2, 'parallel.fsdp': 3}, 8,
-     r'data\*fsdp\*expert\*tensor\*pipeline = 6 '
-     r'\(data=2, fsdp=3, expert=1, tensor=1, pipeline=1\) but there are 8 devices'),
-    ({'parallel.data': 2}, 1, r'data\*fsdp\*expert\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
+     r'data\*fsdp\*context\*expert\*tensor\*pipeline = 6 '
+     r'\(data=2, fsdp=3, context=1, expert=1, tensor=1, pipeline=1\) but there are 8 devices'),
+    ({'parallel.data': 2}, 1, r'data\*fsdp\*context\*expert\*tensor\*pipeline = 2 \(data=2, .*\) but there are 1 devices'),
     # checks on the resolved mesh
     ({'parallel.tensor': 8}, 8, r'parallel\.tensor=8 does not divide model\.num_heads=4'),
     ({'parallel.tensor': 4, 'model.num_heads': 8, 'model.num_kv_heads': 2}, 8,
@@ -154,6 +176,22 @@ BROKEN = [
      r"model\.moe_dispatch='ring' is not one of \('gather', 'all_to_all'\)"),
     ({'model.num_experts': 4, 'model.moe_capacity_factor': 1.25}, 8,
      r"model\.moe_capacity_factor=1\.25 needs model\.moe_dispatch='all_to_all'"),
+    ({'model.num_experts': 4, 'parallel.pipeline': 2, 'parallel.pipeline_schedule': '1f1b'}, 8,
+     r"model\.num_experts=4 cannot take parallel\.pipeline_schedule='1f1b'"),
+    ({'model.num_experts': 4, 'parallel.pipeline': 2, 'parallel.pipeline_repeats': 2,
+      'parallel.pipeline_schedule': 'interleaved_1f1b'}, 8,
+     r"model\.num_experts=4 cannot take parallel\.pipeline_schedule='interleaved_1f1b'"),
+    ({'model.num_experts': 4, 'parallel.context': 2}, 8, r'model\.num_experts=4 cannot take parallel\.context=2'),
+    ({'model.num_experts': 4, 'model.parametrization': 'mup', 'model.mup_base_width': 32}, 8,
+     r"model\.num_experts=4 cannot take model\.parametrization='mup'"),
+    ({'model.num_experts': 4, 'optim.name': 'muon'}, 8, r"model\.num_experts=4 cannot take optim\.name='muon'"),
+    # context parallelism
+    ({'parallel.context': 8, 'data.seq_len': 40}, 8,
+     r'data\.seq_len=40 is not divisible by 2 x parallel\.context=8'),
+    ({'parallel.context': 2, 'parallel.tensor': 4, 'model.num_heads': 8, 'data.seq_len': 36}, 8,
+     r'parallel\.tensor=4 does not divide data\.seq_len / parallel\.context = 18'),
+    ({'parallel.context': 2, 'model.attention': 'cudnn'}, 8,
+     r"model\.attention='cudnn' cannot take parallel\.context=2"),
 ]
 
 
@@ -181,14 +219,15 @@ def test_edges_that_are_allowed(overrides):
 @pytest.mark.parametrize('num_devices', [1, 8])
 def test_shipped_configs_validate(name, num_devices):
   sizes = validate(CONFIGS[name].get_config(), num_devices)
-  assert sizes == {'data': num_devices, 'fsdp': 1, 'expert': 1, 'tensor': 1, 'pipeline': 1}
+  assert sizes == {'data': num_devices, 'fsdp': 1, 'context': 1, 'expert': 1, 'tensor': 1, 'pipeline': 1}
 
 
 @pytest.mark.parametrize('parallel, num_devices, expected', [
-    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),
-    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1, 1)),
-    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 1, 4, 1)),
-    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 2, 1)),  # no -1 at all
+    ({'data': -1, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 1, 2, 1)),
+    ({'data': 2, 'fsdp': -1, 'tensor': 1}, 8, (2, 4, 1, 1, 1, 1)),
+    ({'data': 1, 'fsdp': 1, 'tensor': -1}, 4, (1, 1, 1, 1, 4, 1)),
+    ({'data': 2, 'fsdp': 2, 'tensor': 2}, 8, (2, 2, 1, 1, 2, 1)),  # no -1 at all
+    ({'data': -1, 'context': 4}, 8, (2, 1, 4, 1, 1, 1)),
 ])
 def test_mesh_shape_resolves_the_free_axis(parallel, num_devices, expected):
   config = base_with({f'parallel.{axis}': size for axis, size in parallel.items()})

@@ -122,6 +122,8 @@ TRAIN_FLAGS = [
     '--config.train.eval_steps=1', '--config.train.eval_interval=4', '--config.checkpoint.interval=4',
     '--config.optim.warmup_steps=1', '--config.parallel.data=1', '--config.parallel.fsdp=4',
     '--config.parallel.tensor=2',
+    # A smaller model than tiny's: the processes are what is under test.
+    '--config.model.num_layers=2', '--config.model.max_seq_len=64',
     # Two loader shards, so that 1 and 2 processes see the same batches.
     '--config.data.loader_shards=2',
 ]

@@ -139,3 +139,64 @@ def test_skip_nonfinite_leaves_params_and_moments_untouched_then_resumes():
   for a, b in zip(jax.tree.leaves(after_skip), jax.tree.leaves(direct)):
     np.testing.assert_array_equal(a, b)
     assert np.all(np.asarray(a) != 0)
+
+
+# -- Muon -----------------------------------------------------------------------------------
+
+MUON_LOGICAL = {'q': P('layers', 'embed', 'heads', 'head_dim'), 'down': P('layers', 'mlp', 'embed'),
+                'table': P('vocab', 'embed'), 'scale': P('layers', 'norm')}
+
+
+def muon_params_and_grads():
+  """Stacked (2 layers) matrices, with gradients whose singular values span 0.03..1."""
+  rng = np.random.default_rng(0)
+  def spread(*shape):  # a batch of matrices [L, rows, cols] with a spread spectrum
+    u, _, vt = np.linalg.svd(rng.normal(size=shape), full_matrices=False)
+    s = np.logspace(0, -1.5, min(shape[1:]))
+    return np.einsum('lik,k,lkj->lij', u, s, vt).astype(np.float32)
+  params = {'q': rng.normal(size=(2, 32, 4, 8)).astype(np.float32) * 0.02,
+            'down': rng.normal(size=(2, 64, 32)).astype(np.float32) * 0.02,
+            'table': rng.normal(size=(16, 32)).astype(np.float32) * 0.02,
+            'scale': np.ones((2, 32), np.float32)}
+  grads = {'q': spread(2, 32, 32).reshape(2, 32, 4, 8), 'down': spread(2, 64, 32),
+           'table': rng.normal(size=(16, 32)).astype(np.float32),
+           'scale': rng.normal(size=(2, 32)).astype(np.float32)}
+  return params, grads
+
+
+def test_muon_updates_are_orthogonalised_per_layer_and_the_rest_is_adamw():
+  cfg = optim_config(name='muon', weight_decay=0.0, grad_clip=0.0)
+  params, grads = muon_params_and_grads()
+  tx = optim.make_optimizer(cfg, TOTAL, MUON_LOGICAL)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  lr0 = cfg.lr / cfg.warmup_steps
+  # q is [L, D, N, H]: one D x NH matrix per layer; down [L, F, D]: one F x D matrix.
+  for name, matrices in (('q', np.asarray(updates['q']).reshape(2, 32, 32)), ('down', np.asarray(updates['down']))):
+    for layer in range(2):
+      s = np.linalg.svd(matrices[layer], compute_uv=False)
+      g = np.linalg.svd(np.asarray(grads[name]).reshape(matrices.shape)[layer], compute_uv=False)
+      assert g.max() / g.min() > 20  # the gradient is far from orthogonal ...
+      # ... its update nearly is: 5 steps of the quintic Newton-Schulz iteration land
+      # every singular value in about [0.7, 1.2] (Keller Jordan's coefficients trade exactness for speed).
+      assert s.max() / s.min() < 2.0, (name, layer, s)
+      # RMS matched to AdamW's: 0.2 x lr (singular values ~1 x 0.2 sqrt(max(fan_in, fan_out)) x lr).
+      rms = np.sqrt(np.mean(matrices[layer] ** 2))
+      assert rms == pytest.approx(cfg.muon_rms_match * lr0, rel=0.3), (name, layer)
+  # The embedding and the norm scales get exactly optim.name='adamw''s update.
+  adamw = optim.make_optimizer(optim_config(weight_decay=0.0, grad_clip=0.0), TOTAL, MUON_LOGICAL)
+  want, _ = jax.jit(adamw.update)(grads, adamw.init(params), params)
+  for name in ('table', 'scale'):
+    np.testing.assert_array_equal(updates[name], want[name])
+
+
+def test_muon_decays_its_matrices():
+  cfg = optim_config(name='muon', weight_decay=0.1)
+  params, _ = muon_params_and_grads()
+  tx = optim.make_optimizer(cfg, TOTAL, MUON_LOGICAL)
+  zeros = jax.tree.map(np.zeros_like, params)
+  # Zero gradients orthogonalise to 0, leaving only the decoupled decay.
+  updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
+  lr0 = cfg.lr / cfg.warmup_steps
+  for name in ('q', 'down', 'table'):
+    np.testing.assert_allclose(updates[name], -lr0 * cfg.weight_decay * params[name], rtol=1e-5, atol=1e-12)
+  np.testing.assert_array_equal(updates['scale'], 0.0)

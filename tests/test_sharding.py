@@ -8,6 +8,7 @@ import pytest
 from configs import base
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
 from maxlite.data import embedded, pipeline
+from maxlite.model import parametrization
 from maxlite.model.llama import LlamaConfig
 
 SEQ_LEN, BATCH, STEPS = 32, 32, 3
@@ -43,7 +44,8 @@ def run(config, devices=None, grad_accum_steps=1):
   mesh = mesh_lib.make_mesh(sizes, devices)
   model_cfg = LlamaConfig.from_config(config.model, **config_lib.model_fields(config, sizes))
   _, abstract, logical = state_lib.abstract_model(model_cfg)
-  tx = optim.make_optimizer(config.optim, config.train.steps, logical)
+  tx = optim.make_optimizer(config.optim, config.train.steps, logical,
+                            lr_multipliers=parametrization.lr_multipliers(model_cfg, logical, config.optim))
   settings = step_lib.StepSettings(grad_accum_steps=grad_accum_steps)
   batch_sharding = mesh_lib.named_sharding(mesh, mesh_lib.P('batch', 'length'), (BATCH, SEQ_LEN))
   layout = step_lib.Layout.create(mesh, logical, abstract, zero1=config.parallel.zero1,
@@ -95,6 +97,22 @@ def test_mesh_matches_single_device(name):
   errors = jax.tree.map(relative_error, grads, ref_grads)
   worst = max(jax.tree.leaves(errors))
   assert worst <= 1e-5, errors
+
+
+def test_muon_and_mup_on_data2_fsdp2_tensor2_match_one_device():
+  # Newton-Schulz runs on the sharded matrices (XLA partitions its matmuls):
+  # the same orthogonalised updates as on one device.
+  def config(**parallel):
+    config = small_config(**parallel)
+    config.optim.name = 'muon'
+    config.model.parametrization, config.model.mup_base_width = 'mup', 32  # m = 2
+    return config
+  ref_losses, ref_grads, _ = run(config(), devices=jax.devices()[:1])
+  losses, grads, _ = run(config(data=2, fsdp=2, tensor=2))
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert not np.allclose(losses, reference()[0], rtol=1e-3)  # a different training from AdamW's
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert max(jax.tree.leaves(jax.tree.map(relative_error, grads, ref_grads))) <= 1e-5
 
 
 def test_gradient_accumulation_matches_one_big_batch():

@@ -122,6 +122,27 @@ class HFTokenizer:
             'pad_token': self.pad_token}
 
 
+class IdsTokenizer:
+  """Token ids without a tokenizer: a dataset prepared from pre-tokenized ids
+  (data_prep --format nanogpt_bin without --tokenizer_file). It trains; text
+  in or out (generation, lm-eval, HF export) needs the matching tokenizer."""
+  kind = 'ids'
+  path = None
+
+  def __init__(self, vocab_size: int, bos_id: int = -1, eos_id: int = -1, pad_id: int = -1):
+    self.vocab_size, self.bos_id, self.eos_id, self.pad_id = vocab_size, bos_id, eos_id, pad_id
+
+  def encode(self, text: str) -> np.ndarray:
+    raise ValueError('the data was prepared from token ids without a tokenizer file: there is no '
+                     'text tokenizer (prepare it with --tokenizer_file to generate or evaluate)')
+
+  decode = encode
+
+  def describe(self) -> dict:
+    return {'kind': self.kind, 'file': None, 'sha256': None, 'vocab_size': self.vocab_size,
+            'bos_id': self.bos_id, 'eos_id': self.eos_id, 'pad_id': self.pad_id}
+
+
 TOKENIZER_KINDS = ('byte', 'sentencepiece', 'hf')
 
 
@@ -144,6 +165,9 @@ def from_description(description: dict, folder) -> 'ByteTokenizer | SentencePiec
   kind = description['kind']
   if kind == 'byte':
     return ByteTokenizer()
+  if kind == 'ids':
+    return IdsTokenizer(description['vocab_size'], description['bos_id'], description['eos_id'],
+                        description['pad_id'])
   path = pathlib.Path(folder) / description['file']
   if not path.is_file():
     raise FileNotFoundError(f'tokenizer file {path}, recorded in {folder}, is missing')

@@ -1,22 +1,27 @@
 """Flash attention in Pallas (Triton on GPUs): causal, grouped-query, packed documents.
 
-Shape legend: B batch, T length (self-attention: queries and keys alike), N
-query heads, K kv heads, G = N // K query heads per kv head, H head dim, I
-query blocks, J key blocks; X, Y the blocks a kernel's programs own and the
-blocks each one loops over (I and J, or J and I); R = ceil(Y / 2), the most
-pieces of one class a row can hold, and P = 1 + 2R, a row's piece table.
+Shape legend: B batch, T query length, S key length (self-attention: S = T,
+queries and keys alike), N query heads, K kv heads, G = N // K query heads per
+kv head, H head dim, I query blocks, J key blocks; X, Y the blocks a kernel's
+programs own and the blocks each one loops over (I and J, or J and I); R =
+ceil(Y / 2), the most pieces of one class a row can hold, and P = 1 + 2R, a
+row's piece table.
 
 A query attends to a key when their segment ids are equal and, if causal, the
-key's index is not after the query's. Within a packed row whose positions
-restart at each document and increase by one inside it, this equals the
-position-causal mask of `maxlite.model.attention.xla_attention`.
+key's index is not after the query's. A token's index is its place in the
+whole row: 0..T-1 by default, or given per token (`indices_BT`,
+`kv_indices_BS`) when the queries are only some of the row's tokens, as with
+context parallelism (maxlite.model.context), where a device's queries are two
+separate chunks of the row and its keys the whole row. Within a packed row
+whose positions restart at each document and increase by one inside it, this
+equals the position-causal mask of `maxlite.model.attention.xla_attention`.
 
 The attention matrix is visited in tiles of block_q x block_k. Before a kernel
 runs, `block_schedule` classifies each tile from the min and max segment id
-of its query and key blocks (and from the diagonal, if causal): SKIP (no pair
-can attend: disjoint id ranges, or wholly above the diagonal), FULL (one
-document on both sides and wholly below the diagonal: no mask needed) or
-PARTIAL (element mask). `loop_pieces` lists each block row's pieces: runs of
+of its query and key blocks (and, if causal, from their min and max index):
+SKIP (no pair can attend: disjoint id ranges, or every key after every
+query), FULL (one document on both sides and every key at or before every
+query: no mask needed) or PARTIAL (element mask). `loop_pieces` lists each block row's pieces: runs of
 consecutive PARTIAL tiles, and runs of consecutive FULL ones. A kernel loops
 over the PARTIAL pieces, and within each over its tiles with the mask, then
 over the FULL pieces without it; SKIP tiles are never visited. With packed
@@ -44,7 +49,9 @@ float32.
 
 Lengths are padded to a multiple of the block size with a segment id that no
 token has, and head dims to a power of two (64 and 128 need no padding), at
-most 256, the table's largest.
+most 256, the table's largest. A query that sees no key at all (a padding
+query when only the queries needed padding) gets output 0 and log-sum-exp
++inf, so that its backward terms are exactly 0 rather than NaN.
 """
 import dataclasses
 import functools
@@ -60,6 +67,7 @@ from jax.experimental.pallas import triton as pl_triton
 SKIP, PARTIAL, FULL = 0, 1, 2
 # Padding tokens get an id no real token has, so they attend only to each other.
 PAD_SEGMENT = np.iinfo(np.int32).min
+PAD_INDEX = np.iinfo(np.int32).max
 # Finite, so that a row whose first tiles are all masked gives exp2(0) = 1
 # instead of NaN; the next visible tile rescales that away by exp2(MASK - m) = 0.
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -163,13 +171,19 @@ def triton_compiler_params(num_warps: int, num_stages: int):
   return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, causal: bool = True,
+def flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *, kv_segment_ids_BS=None,
+                    indices_BT=None, kv_indices_BS=None, causal: bool = True,
                     softmax_scale: float | None = None, block_sizes: BlockSizes | None = None,
                     return_lse: bool = False, interpret: bool = False):
   """Softmax(q k^T * scale, masked) v, without materialising the scores.
 
   segment_ids_BT: int document id per token (None: one document); any value
-  but int32's minimum, which marks padding. softmax_scale defaults to
+  but int32's minimum, which marks padding. kv_segment_ids_BS: the keys' ids
+  (None: segment_ids_BT, for self-attention; needed when S != T).
+  indices_BT, kv_indices_BS: int each query's and key's index in the row,
+  which the causal mask compares (None: 0..T-1 and 0..S-1); the tile
+  schedule skips most work when they increase along each block, e.g. a few
+  contiguous runs (context parallelism's chunks). softmax_scale defaults to
   head_dim ** -0.5. block_sizes: tile sizes in place of `LAUNCH_TABLE`'s
   (None, or a None field: the table's). With return_lse, also returns the
   natural-log log-sum-exp of the masked scaled scores, [B, N, T] float32;
@@ -177,75 +191,113 @@ def flash_attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, causal: bool
   JAX (CPU).
   """
   batch, length, num_heads, head_dim = q_BTNH.shape
-  _check_inputs(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+  kv_length = k_BSKH.shape[1]
+  _check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kv_segment_ids_BS, indices_BT,
+                kv_indices_BS)
   # 16: the smallest dot the tensor cores take.
   padded_dim = max(16, pl.next_power_of_2(head_dim))
-  forward, backward = launches(padded_dim, q_BTNH.dtype, block_sizes or BlockSizes(), length)
+  forward, backward = launches(padded_dim, q_BTNH.dtype, block_sizes or BlockSizes(),
+                               max(length, kv_length))
   static = _Static(causal, head_dim ** -0.5 if softmax_scale is None else float(softmax_scale),
                    forward, backward, interpret)
-  if segment_ids_BT is None:
-    segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
+  masks = _mask_inputs(batch, length, kv_length, segment_ids_BT, kv_segment_ids_BS, indices_BT,
+                       kv_indices_BS)
   multiple = max(forward.block_q, forward.block_k, backward.block_q, backward.block_k)
-  padded_length = -(-length // multiple) * multiple
-  # Zero head-dim padding adds nothing to q.k and yields zero output columns.
-  pad = ((0, 0), (0, padded_length - length), (0, 0), (0, padded_dim - head_dim))
-  segment_ids_BT = jnp.pad(segment_ids_BT.astype(jnp.int32), ((0, 0), (0, padded_length - length)),
-                           constant_values=PAD_SEGMENT)
+  padded = (-(-length // multiple) * multiple, -(-kv_length // multiple) * multiple)
+  # Padding tokens get a segment id of their own and the largest index; zero
+  # head-dim padding adds nothing to q.k and yields zero output columns.
+  pad_rows = lambda x_BT, total, value: jnp.pad(x_BT, ((0, 0), (0, total - x_BT.shape[1])),
+                                                 constant_values=value)
+  def pad_heads(x_BTNH, total):
+    return jnp.pad(x_BTNH, ((0, 0), (0, total - x_BTNH.shape[1]), (0, 0), (0, padded_dim - head_dim)))
+  segments_BT, kv_segments_BS, indices_BT, kv_indices_BS = (
+      pad_rows(x, total, value) for x, total, value in zip(
+          masks, padded * 2, (PAD_SEGMENT, PAD_SEGMENT, PAD_INDEX, PAD_INDEX)))
   out_BTNH, lse_BNT = _flash(static, *_same_varying(
-      jnp.pad(q_BTNH, pad), jnp.pad(k_BTKH, pad), jnp.pad(v_BTKH, pad), segment_ids_BT))
+      pad_heads(q_BTNH, padded[0]), pad_heads(k_BSKH, padded[1]), pad_heads(v_BSKH, padded[1]),
+      segments_BT, kv_segments_BS, indices_BT, kv_indices_BS))
   out_BTNH = out_BTNH[:, :length, :, :head_dim]
   if return_lse:
     return out_BTNH, lse_BNT[:, :, :length]
   return out_BTNH
 
 
-def flash_attention_reference(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=None, *, causal: bool = True,
-                              softmax_scale: float | None = None,
+def flash_attention_reference(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT=None, *,
+                              kv_segment_ids_BS=None, indices_BT=None, kv_indices_BS=None,
+                              causal: bool = True, softmax_scale: float | None = None,
                               block_sizes: BlockSizes | None = None, return_lse: bool = False,
                               interpret: bool = False):
   """The same function with dense scores in float32 (float64 for float64 inputs)."""
   del block_sizes, interpret
   batch, length, num_heads, head_dim = q_BTNH.shape
-  num_kv_heads = k_BTKH.shape[2]
+  num_kv_heads = k_BSKH.shape[2]
   scale = head_dim ** -0.5 if softmax_scale is None else softmax_scale
   dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
   q_BTKGH = q_BTNH.reshape(batch, length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  scores_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGH.astype(dtype), k_BTKH.astype(dtype)) * scale
-  mask_BTS = jnp.ones((batch, length, length), bool)
-  if segment_ids_BT is not None:
-    mask_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  scores_BKGTS = jnp.einsum('btkgh,bskh->bkgts', q_BTKGH.astype(dtype), k_BSKH.astype(dtype)) * scale
+  segments_BT, kv_segments_BS, indices_BT, kv_indices_BS = _mask_inputs(
+      batch, length, k_BSKH.shape[1], segment_ids_BT, kv_segment_ids_BS, indices_BT, kv_indices_BS)
+  mask_BTS = segments_BT[:, :, None] == kv_segments_BS[:, None, :]
   if causal:
-    mask_BTS &= jnp.tril(jnp.ones((length, length), bool))
+    mask_BTS &= indices_BT[:, :, None] >= kv_indices_BS[:, None, :]
   scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, -jnp.inf)
   lse_BKGT = jax.nn.logsumexp(scores_BKGTS, axis=-1)
   probs_BKGTS = jnp.exp(scores_BKGTS - lse_BKGT[..., None])
-  out_BTKGH = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BTKH.astype(dtype))
+  out_BTKGH = jnp.einsum('bkgts,bskh->btkgh', probs_BKGTS, v_BSKH.astype(dtype))
   out_BTNH = out_BTKGH.reshape(q_BTNH.shape).astype(q_BTNH.dtype)
   if return_lse:
     return out_BTNH, lse_BKGT.reshape(batch, num_heads, length)
   return out_BTNH
 
 
-def _check_inputs(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
-  if q_BTNH.ndim != 4 or k_BTKH.shape != v_BTKH.shape:
-    raise ValueError(f'flash_attention: q {q_BTNH.shape}, k {k_BTKH.shape}, v {v_BTKH.shape} '
+def _check_inputs(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, kv_segment_ids_BS, indices_BT,
+                  kv_indices_BS):
+  if q_BTNH.ndim != 4 or k_BSKH.shape != v_BSKH.shape:
+    raise ValueError(f'flash_attention: q {q_BTNH.shape}, k {k_BSKH.shape}, v {v_BSKH.shape} '
                      'must be [batch, length, heads, head_dim] with k and v alike')
   batch, length, num_heads, head_dim = q_BTNH.shape
-  if k_BTKH.shape[:2] != (batch, length) or k_BTKH.shape[3] != head_dim:
-    raise ValueError(f'flash_attention: k {k_BTKH.shape} does not match q {q_BTNH.shape} '
-                     '(self-attention: same batch, length and head_dim)')
-  if num_heads % k_BTKH.shape[2]:
+  kv_length = k_BSKH.shape[1]
+  if k_BSKH.shape[0] != batch or k_BSKH.shape[3] != head_dim:
+    raise ValueError(f'flash_attention: k {k_BSKH.shape} does not match q {q_BTNH.shape} '
+                     '(same batch and head_dim)')
+  if num_heads % k_BSKH.shape[2]:
     raise ValueError(f'flash_attention: {num_heads} query heads are not a multiple of '
-                     f'{k_BTKH.shape[2]} kv heads')
-  if q_BTNH.dtype not in KERNEL_DTYPES or k_BTKH.dtype != q_BTNH.dtype or v_BTKH.dtype != q_BTNH.dtype:
-    raise ValueError(f'flash_attention: dtypes {q_BTNH.dtype}, {k_BTKH.dtype}, {v_BTKH.dtype}; '
+                     f'{k_BSKH.shape[2]} kv heads')
+  if q_BTNH.dtype not in KERNEL_DTYPES or k_BSKH.dtype != q_BTNH.dtype or v_BSKH.dtype != q_BTNH.dtype:
+    raise ValueError(f'flash_attention: dtypes {q_BTNH.dtype}, {k_BSKH.dtype}, {v_BSKH.dtype}; '
                      'q, k and v must share one of bfloat16, float16, float32')
   largest = max(dim for dim, _ in LAUNCH_TABLE)
   if head_dim > largest:
     raise ValueError(f'flash_attention: head_dim {head_dim} is above {largest}, the largest in '
                      'LAUNCH_TABLE')
-  if segment_ids_BT is not None and segment_ids_BT.shape != (batch, length):
-    raise ValueError(f'flash_attention: segment_ids {segment_ids_BT.shape} must be {(batch, length)}')
+  for name, x, shape in (('segment_ids', segment_ids_BT, (batch, length)),
+                         ('kv_segment_ids', kv_segment_ids_BS, (batch, kv_length)),
+                         ('indices', indices_BT, (batch, length)),
+                         ('kv_indices', kv_indices_BS, (batch, kv_length))):
+    if x is not None and x.shape != shape:
+      raise ValueError(f'flash_attention: {name} {x.shape} must be {shape}')
+  if segment_ids_BT is None and kv_segment_ids_BS is not None:
+    raise ValueError('flash_attention: kv_segment_ids needs segment_ids')
+  if segment_ids_BT is not None and kv_segment_ids_BS is None and kv_length != length:
+    raise ValueError(f'flash_attention: {kv_length} keys are not the {length} queries\' tokens, '
+                     'so kv_segment_ids must be given with segment_ids')
+  if (indices_BT is None) != (kv_indices_BS is None):
+    raise ValueError('flash_attention: give indices and kv_indices together')
+
+
+def _mask_inputs(batch: int, length: int, kv_length: int, segment_ids_BT, kv_segment_ids_BS,
+                 indices_BT, kv_indices_BS):
+  """(segment ids, kv segment ids, indices, kv indices), int32, with their defaults filled in."""
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
+  if kv_segment_ids_BS is None:
+    kv_segment_ids_BS = segment_ids_BT if kv_length == length else jnp.zeros((batch, kv_length),
+                                                                              jnp.int32)
+  if indices_BT is None:
+    indices_BT = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    kv_indices_BS = jnp.broadcast_to(jnp.arange(kv_length, dtype=jnp.int32), (batch, kv_length))
+  return tuple(x.astype(jnp.int32) for x in (segment_ids_BT, kv_segment_ids_BS, indices_BT,
+                                              kv_indices_BS))
 
 
 def launches(head_dim: int, dtype, block_sizes: BlockSizes, length: int) -> tuple[Launch, Launch]:
@@ -268,21 +320,33 @@ def launches(head_dim: int, dtype, block_sizes: BlockSizes, length: int) -> tupl
           fit(backward, block_sizes.backward_q, block_sizes.backward_k))
 
 
-def block_schedule(segment_ids_BT, block_q: int, block_k: int, causal: bool):
-  """[B, I, J] int32 tile classes (SKIP, PARTIAL, FULL) from per-block min/max segment ids."""
+def block_schedule(segment_ids_BT, block_q: int, block_k: int, causal: bool, *,
+                   kv_segment_ids_BS=None, indices_BT=None, kv_indices_BS=None):
+  """[B, I, J] int32 tile classes (SKIP, PARTIAL, FULL) from per-block min/max
+  segment ids and, if causal, indices (defaults as in `flash_attention`)."""
   batch, length = segment_ids_BT.shape
-  q_BIt = segment_ids_BT.reshape(batch, length // block_q, block_q)
-  k_BJt = segment_ids_BT.reshape(batch, length // block_k, block_k)
-  q_min_BI1, q_max_BI1 = q_BIt.min(-1)[:, :, None], q_BIt.max(-1)[:, :, None]
-  k_min_B1J, k_max_B1J = k_BJt.min(-1)[:, None, :], k_BJt.max(-1)[:, None, :]
+  kv_length = length if kv_segment_ids_BS is None else kv_segment_ids_BS.shape[1]
+  segment_ids_BT, kv_segment_ids_BS, indices_BT, kv_indices_BS = _mask_inputs(
+      batch, length, kv_length, segment_ids_BT, kv_segment_ids_BS, indices_BT, kv_indices_BS)
+
+  def query_blocks(x_BT):  # [B, I, 1] min and max
+    x_BIt = x_BT.reshape(batch, length // block_q, block_q)
+    return x_BIt.min(-1)[:, :, None], x_BIt.max(-1)[:, :, None]
+
+  def key_blocks(x_BS):  # [B, 1, J] min and max
+    x_BJt = x_BS.reshape(batch, kv_length // block_k, block_k)
+    return x_BJt.min(-1)[:, None, :], x_BJt.max(-1)[:, None, :]
+
+  q_min_BI1, q_max_BI1 = query_blocks(segment_ids_BT)
+  k_min_B1J, k_max_B1J = key_blocks(kv_segment_ids_BS)
   # Disjoint id ranges: no equal ids, whatever their order within the blocks.
   visible_BIJ = (q_min_BI1 <= k_max_B1J) & (k_min_B1J <= q_max_BI1)
   one_document_BIJ = (q_min_BI1 == q_max_BI1) & (k_min_B1J == k_max_B1J) & (q_min_BI1 == k_min_B1J)
   if causal:
-    first_row_I1 = jnp.arange(length // block_q)[:, None] * block_q
-    first_col_1J = jnp.arange(length // block_k)[None, :] * block_k
-    visible_BIJ &= first_col_1J <= first_row_I1 + block_q - 1
-    one_document_BIJ &= first_col_1J + block_k - 1 <= first_row_I1
+    first_row_BI1, last_row_BI1 = query_blocks(indices_BT)
+    first_col_B1J, last_col_B1J = key_blocks(kv_indices_BS)
+    visible_BIJ &= first_col_B1J <= last_row_BI1
+    one_document_BIJ &= last_col_B1J <= first_row_BI1
   return jnp.where(visible_BIJ, jnp.where(one_document_BIJ, FULL, PARTIAL), SKIP).astype(jnp.int32)
 
 
@@ -350,18 +414,17 @@ def _loop_tiles(pieces_ref, visit, carry):
 
 # -- forward -------------------------------------------------------------------------------------
 
-def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, pieces_ref, out_ref,
-                    lse_ref, *, scale2, causal, block_k):
+def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, indices_q_ref,
+                    indices_k_ref, pieces_ref, out_ref, lse_ref, *, scale2, causal, block_k):
   block_q, head_dim = q_ref.shape
   q_tH = q_ref[...]
-  segments_q_t = segments_q_ref[...]
-  rows_t = pl.program_id(0) * block_q + jnp.arange(block_q)
+  segments_q_t, rows_t = segments_q_ref[...], indices_q_ref[...]
 
   def visit(j, carry, masked):
     acc_tH, max_t, sum_t = carry
     cols = pl.ds(j * block_k, block_k)
-    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t,
-                          j * block_k + jnp.arange(block_k), causal) if masked else None)
+    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t, indices_k_ref[cols], causal)
+               if masked else None)
     scores_tt = _scores(q_tH, k_ref[cols, :], scale2, mask_tt)
     new_max_t = jnp.maximum(max_t, scores_tt.max(axis=1))
     rescale_t = jnp.exp2(max_t - new_max_t)
@@ -373,52 +436,66 @@ def _forward_kernel(q_ref, k_ref, v_ref, segments_q_ref, segments_k_ref, pieces_
   init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q,), -jnp.inf, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
   acc_tH, max_t, sum_t = _loop_tiles(pieces_ref, visit, init)
+  # A row that visited any tile has sum >= 1 (its largest score gives exp2(0));
+  # sum 0 means it sees no key: output 0, and an lse of +inf that makes every
+  # exp2(score - lse) of the backward 0.
+  empty_t = sum_t == 0
+  sum_t = jnp.where(empty_t, 1.0, sum_t)
   out_ref[...] = (acc_tH / sum_t[:, None]).astype(out_ref.dtype)
-  lse_ref[...] = max_t + jnp.log2(sum_t)
+  lse_ref[...] = jnp.where(empty_t, jnp.inf, max_t + jnp.log2(sum_t))
 
 
-def _forward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
-  """(out [B, T, N, H], log2-sum-exp2 of the log2-unit scores [B, N, T] float32)."""
+def _schedule(static: _Static, block_q: int, block_k: int, masks):
+  segments_BT, kv_segments_BS, indices_BT, kv_indices_BS = masks
+  return block_schedule(segments_BT, block_q, block_k, static.causal,
+                        kv_segment_ids_BS=kv_segments_BS, indices_BT=indices_BT,
+                        kv_indices_BS=kv_indices_BS)
+
+
+def _forward(static: _Static, q_BTNH, k_BSKH, v_BSKH, *masks):
+  """(out [B, T, N, H], log2-sum-exp2 of the log2-unit scores [B, N, T] float32).
+
+  masks: segment ids [B, T] and [B, S], indices [B, T] and [B, S]."""
   batch, length, num_heads, head_dim = q_BTNH.shape
-  groups = num_heads // k_BTKH.shape[2]
+  kv_length = k_BSKH.shape[1]
+  groups = num_heads // k_BSKH.shape[2]
   launch = static.forward
   block_q, block_k = launch.block_q, launch.block_k
-  pieces_BI2P = loop_pieces(block_schedule(segment_ids_BT, block_q, block_k, static.causal))
+  pieces_BI2P = loop_pieces(_schedule(static, block_q, block_k, masks))
   kernel = functools.partial(_forward_kernel, scale2=static.softmax_scale * LOG2_E,
                              causal=static.causal, block_k=block_k)
   # Grid (I, B, N): one program per query block and head; K and V of the
   # head's group are read in place, never repeated per query head.
   q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0))
-  kv_spec = pl.BlockSpec((None, length, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0))
+  kv_spec = pl.BlockSpec((None, kv_length, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0))
+  q_row_spec = pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))
+  kv_row_spec = pl.BlockSpec((None, kv_length), lambda i, b, n: (b, 0))
   return pl.pallas_call(
       kernel, grid=(length // block_q, batch, num_heads),
-      in_specs=[q_spec, kv_spec, kv_spec,
-                pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
-                pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
+      in_specs=[q_spec, kv_spec, kv_spec, q_row_spec, kv_row_spec, q_row_spec, kv_row_spec,
                 pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))],
       out_shape=[_out_shape(q_BTNH.shape, q_BTNH.dtype, q_BTNH),
                  _out_shape((batch, num_heads, length), jnp.float32, q_BTNH)],
       compiler_params=triton_compiler_params(launch.num_warps, launch.num_stages),
       interpret=static.interpret, name='flash_attention_forward',
-  )(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, segment_ids_BT, pieces_BI2P)
+  )(q_BTNH, k_BSKH, v_BSKH, *masks, pieces_BI2P)
 
 
 # -- backward ------------------------------------------------------------------------------------
 
 def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref, segments_k_ref,
-               pieces_ref, dq_ref, *, scale2, causal, block_k):
+               indices_q_ref, indices_k_ref, pieces_ref, dq_ref, *, scale2, causal, block_k):
   block_q, head_dim = q_ref.shape
   q_tH, dout_tH = q_ref[...], dout_ref[...]
   lse2_t, delta_t = lse_ref[...], delta_ref[...]
-  segments_q_t = segments_q_ref[...]
-  rows_t = pl.program_id(0) * block_q + jnp.arange(block_q)
+  segments_q_t, rows_t = segments_q_ref[...], indices_q_ref[...]
 
   def visit(j, dq_tH, masked):
     cols = pl.ds(j * block_k, block_k)
     k_tH, v_tH = k_ref[cols, :], v_ref[cols, :]
-    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t,
-                          j * block_k + jnp.arange(block_k), causal) if masked else None)
+    mask_tt = (_tile_mask(segments_q_t, segments_k_ref[cols], rows_t, indices_k_ref[cols], causal)
+               if masked else None)
     probs_tt = jnp.exp2(_scores(q_tH, k_tH, scale2, mask_tt) - lse2_t[:, None])
     dscores_tt = probs_tt * (_dot(dout_tH, v_tH, trans_b=True) - delta_t[:, None])
     return dq_tH + _dot(dscores_tt.astype(k_tH.dtype), k_tH)
@@ -428,18 +505,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_ref, segments_k_ref,
-                pieces_ref, dk_ref, dv_ref, *, scale2, causal, block_q, groups):
+                indices_q_ref, indices_k_ref, pieces_ref, dk_ref, dv_ref, *, scale2, causal,
+                block_q, groups):
   block_k, head_dim = k_ref.shape
   k_tH, v_tH = k_ref[...], v_ref[...]
-  segments_k_t = segments_k_ref[...]
-  cols_t = pl.program_id(0) * block_k + jnp.arange(block_k)
+  segments_k_t, cols_t = segments_k_ref[...], indices_k_ref[...]
 
   def visit(g, i, carry, masked):
     dk_tH, dv_tH = carry
     rows = pl.ds(i * block_q, block_q)
     q_tH, dout_tH = q_ref[rows, g, :], dout_ref[rows, g, :]
-    mask_tt = (_tile_mask(segments_q_ref[rows], segments_k_t, i * block_q + jnp.arange(block_q),
-                          cols_t, causal) if masked else None)
+    mask_tt = (_tile_mask(segments_q_ref[rows], segments_k_t, indices_q_ref[rows], cols_t, causal)
+               if masked else None)
     probs_tt = jnp.exp2(_scores(q_tH, k_tH, scale2, mask_tt) - lse_ref[g, rows][:, None])
     dv_tH += _dot(probs_tt.astype(dout_tH.dtype), dout_tH, trans_a=True)
     dscores_tt = probs_tt * (_dot(dout_tH, v_tH, trans_b=True) - delta_ref[g, rows][:, None])
@@ -456,34 +533,33 @@ def _dkv_kernel(q_ref, k_ref, v_ref, dout_ref, lse_ref, delta_ref, segments_q_re
   dv_ref[...] = dv_tH.astype(dv_ref.dtype)
 
 
-def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT,
-              dout_BTNH):
-  (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT, dout_BTNH) = _same_varying(
-      q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT, delta_BNT, dout_BTNH)
+def _backward(static: _Static, q_BTNH, k_BSKH, v_BSKH, masks, lse2_BNT, delta_BNT, dout_BTNH):
+  (q_BTNH, k_BSKH, v_BSKH, lse2_BNT, delta_BNT, dout_BTNH, *masks) = _same_varying(
+      q_BTNH, k_BSKH, v_BSKH, lse2_BNT, delta_BNT, dout_BTNH, *masks)
   batch, length, num_heads, head_dim = q_BTNH.shape
-  num_kv_heads = k_BTKH.shape[2]
+  kv_length, num_kv_heads = k_BSKH.shape[1:3]
   groups = num_heads // num_kv_heads
   launch = static.backward
   block_q, block_k = launch.block_q, launch.block_k
-  class_BIJ = block_schedule(segment_ids_BT, block_q, block_k, static.causal)
+  class_BIJ = _schedule(static, block_q, block_k, masks)
   pieces_BI2P, pieces_BJ2P = loop_pieces(class_BIJ), loop_pieces(class_BIJ.swapaxes(1, 2))
   kw = dict(scale2=static.softmax_scale * LOG2_E, causal=static.causal)
   params = triton_compiler_params(launch.num_warps, launch.num_stages)
-  inputs = (q_BTNH, k_BTKH, v_BTKH, dout_BTNH, lse2_BNT, delta_BNT, segment_ids_BT, segment_ids_BT)
 
   # dQ: grid (I, B, N), like the forward.
   q_spec = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, n: (b, i, n, 0))
-  kv_spec = pl.BlockSpec((None, length, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0))
+  kv_spec = pl.BlockSpec((None, kv_length, None, head_dim), lambda i, b, n: (b, 0, n // groups, 0))
   row_spec = pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, i))
+  q_row_spec = pl.BlockSpec((None, block_q), lambda i, b, n: (b, i))
+  kv_row_spec = pl.BlockSpec((None, kv_length), lambda i, b, n: (b, 0))
   dq_BTNH = pl.pallas_call(
       functools.partial(_dq_kernel, block_k=block_k, **kw), grid=(length // block_q, batch, num_heads),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                pl.BlockSpec((None, block_q), lambda i, b, n: (b, i)),
-                pl.BlockSpec((None, length), lambda i, b, n: (b, 0)),
+                q_row_spec, kv_row_spec, q_row_spec, kv_row_spec,
                 pl.BlockSpec((None, None) + pieces_BI2P.shape[2:], lambda i, b, n: (b, i, 0, 0))],
       out_specs=q_spec, out_shape=_out_shape(q_BTNH.shape, q_BTNH.dtype, q_BTNH),
       compiler_params=params, interpret=static.interpret, name='flash_attention_dq',
-  )(*inputs, pieces_BI2P)
+  )(q_BTNH, k_BSKH, v_BSKH, dout_BTNH, lse2_BNT, delta_BNT, *masks, pieces_BI2P)
 
   # dK, dV: grid (J, B, K); a program reads all G query heads of its kv head
   # ([B, T, K, G, H] is a free reshape of [B, T, N, H]).
@@ -492,45 +568,46 @@ def _backward(static: _Static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
   q_spec = pl.BlockSpec((None, length, None, groups, head_dim), lambda j, b, k: (b, 0, k, 0, 0))
   kv_spec = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, k: (b, j, k, 0))
   row_spec = pl.BlockSpec((None, None, groups, length), lambda j, b, k: (b, k, 0, 0))
-  dk_BTKH, dv_BTKH = pl.pallas_call(
+  q_row_spec = pl.BlockSpec((None, length), lambda j, b, k: (b, 0))
+  kv_row_spec = pl.BlockSpec((None, block_k), lambda j, b, k: (b, j))
+  dk_BSKH, dv_BSKH = pl.pallas_call(
       functools.partial(_dkv_kernel, block_q=block_q, groups=groups, **kw),
-      grid=(length // block_k, batch, num_kv_heads),
+      grid=(kv_length // block_k, batch, num_kv_heads),
       in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                pl.BlockSpec((None, length), lambda j, b, k: (b, 0)),
-                pl.BlockSpec((None, block_k), lambda j, b, k: (b, j)),
+                q_row_spec, kv_row_spec, q_row_spec, kv_row_spec,
                 pl.BlockSpec((None, None) + pieces_BJ2P.shape[2:], lambda j, b, k: (b, j, 0, 0))],
       out_specs=[kv_spec, kv_spec],
-      out_shape=[_out_shape(k_BTKH.shape, k_BTKH.dtype, k_BTKH)] * 2,
+      out_shape=[_out_shape(k_BSKH.shape, k_BSKH.dtype, k_BSKH)] * 2,
       compiler_params=params, interpret=static.interpret, name='flash_attention_dkv',
-  )(grouped(q_BTNH), k_BTKH, v_BTKH, grouped(dout_BTNH), per_head(lse2_BNT), per_head(delta_BNT),
-    segment_ids_BT, segment_ids_BT, pieces_BJ2P)
-  return dq_BTNH, dk_BTKH, dv_BTKH
+  )(grouped(q_BTNH), k_BSKH, v_BSKH, grouped(dout_BTNH), per_head(lse2_BNT), per_head(delta_BNT),
+    *masks, pieces_BJ2P)
+  return dq_BTNH, dk_BSKH, dv_BSKH
 
 
 # -- the differentiable op -----------------------------------------------------------------------
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
-  out_BTNH, lse2_BNT = _forward(static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
+def _flash(static, q_BTNH, k_BSKH, v_BSKH, *masks):
+  out_BTNH, lse2_BNT = _forward(static, q_BTNH, k_BSKH, v_BSKH, *masks)
   return out_BTNH, lse2_BNT / LOG2_E
 
 
-def _flash_forward(static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT):
-  out_BTNH, lse2_BNT = _forward(static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT)
-  residuals = (q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, out_BTNH, lse2_BNT)
+def _flash_forward(static, q_BTNH, k_BSKH, v_BSKH, *masks):
+  out_BTNH, lse2_BNT = _forward(static, q_BTNH, k_BSKH, v_BSKH, *masks)
+  residuals = (q_BTNH, k_BSKH, v_BSKH, masks, out_BTNH, lse2_BNT)
   return (out_BTNH, lse2_BNT / LOG2_E), residuals
 
 
 def _flash_backward(static, residuals, cotangents):
-  q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, out_BTNH, lse2_BNT = residuals
+  q_BTNH, k_BSKH, v_BSKH, masks, out_BTNH, lse2_BNT = residuals
   dout_BTNH, dlse_BNT = cotangents
   # dScores = P * (dP - delta) with delta = rowsum(out * dout); a cotangent on
   # the lse adds P * dlse (d lse / d scores = P), i.e. it lowers delta.
   delta_BNT = jnp.einsum('btnh,btnh->bnt', out_BTNH.astype(jnp.float32),
                          dout_BTNH.astype(jnp.float32)) - dlse_BNT
-  dq_BTNH, dk_BTKH, dv_BTKH = _backward(static, q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, lse2_BNT,
+  dq_BTNH, dk_BSKH, dv_BSKH = _backward(static, q_BTNH, k_BSKH, v_BSKH, masks, lse2_BNT,
                                         delta_BNT, dout_BTNH.astype(q_BTNH.dtype))
-  return dq_BTNH, dk_BTKH, dv_BTKH, None
+  return (dq_BTNH, dk_BSKH, dv_BSKH) + (None,) * len(masks)
 
 
 _flash.defvjp(_flash_forward, _flash_backward)

@@ -13,6 +13,9 @@ Backends (`model.attention`):
   auto    pallas on GPUs with segment ids, cudnn on NVIDIA GPUs without, xla on CPU.
 The KV-cache path (decoding) always runs on xla: its queries are a few tokens
 against a cache with its own slot mask, which the fused kernels do not take.
+With context parallelism (maxlite.model.context) a device's queries are some
+of the row's tokens and its keys all of them; the call then names every
+token's index in the row, which the masks compare, and xla and pallas both run.
 """
 import math
 
@@ -49,7 +52,8 @@ def resolve_backend(name: str, platform: str, *, segment_ids: bool = True,
 
 
 def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: bool = True,
-              backend: str = 'xla', kv_segment_ids_BS=None, kv_positions_BS=None):
+              backend: str = 'xla', kv_segment_ids_BS=None, kv_positions_BS=None,
+              indices_BT=None, kv_indices_BS=None):
   """Grouped-query attention where no token attends across packed documents.
 
   segment_ids_BT: document index per token (0 marks padding); tokens attend
@@ -60,16 +64,25 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: b
   which is what the fused backends (pallas, cudnn) apply.
   kv_segment_ids_BS, kv_positions_BS: the same for the keys when they are not
   the queries' own tokens (a KV cache); by default the queries' are used.
+  indices_BT, kv_indices_BS: each query's and key's index in the whole row,
+  when the queries are only some of the row's tokens and the keys all of them
+  (context parallelism; kv_segment_ids_BS then given too). The causal mask
+  then compares indices, not positions: the same mask on packed rows, and
+  the one the fused kernels apply.
   """
-  kv_cache = kv_segment_ids_BS is not None
+  kv_cache = kv_segment_ids_BS is not None and kv_indices_BS is None
   backend = resolve_backend(backend, jax.default_backend(), segment_ids=segment_ids_BT is not None,
                             kv_cache=kv_cache)
+  if kv_indices_BS is not None:
+    positions_BT, kv_positions_BS = indices_BT, kv_indices_BS
   # The model runs per device (maxlite.model.parallel): the arrays here are this
   # device's rows and heads, so the fused kernels need no sharding of their own.
   if backend == 'pallas':
+    masks = dict(segment_ids_BT=segment_ids_BT, kv_segment_ids_BS=kv_segment_ids_BS,
+                 indices_BT=indices_BT, kv_indices_BS=kv_indices_BS)
     if jax.default_backend() == 'cpu':
-      return _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal)
-    return flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal)
+      return _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, masks, causal)
+    return flash_attention(q_BTNH, k_BSKH, v_BSKH, **masks, causal=causal)
   if backend == 'cudnn':
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal,
                                         implementation='cudnn')
@@ -78,13 +91,13 @@ def attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, *, causal: b
     segment_ids_BT = jnp.zeros((batch, length), jnp.int32)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(length), (batch, length))
-  if not kv_cache:
+  if kv_segment_ids_BS is None:
     kv_segment_ids_BS, kv_positions_BS = segment_ids_BT, positions_BT
   return xla_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, positions_BT, kv_segment_ids_BS,
                        kv_positions_BS, causal=causal)
 
 
-def _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal: bool):
+def _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, masks: dict, causal: bool):
   """The Pallas kernel in interpret mode (CPU), on every device's inputs at once.
 
   JAX's Pallas interpreter cannot yet evaluate a kernel whose inputs differ
@@ -92,13 +105,15 @@ def _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal:
   loop indices), so here each device sums everyone's inputs into one batch
   that all devices share, runs the kernel on it, and keeps its own rows. The
   numbers and gradients are the kernel's; the extra work only costs CPU tests.
+  masks: flash_attention's segment-id and index keywords, each [B, ...] or None.
   """
-  if segment_ids_BT is None:
-    segment_ids_BT = jnp.ones(q_BTNH.shape[:2], jnp.int32)
-  inputs = (q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  if masks['segment_ids_BT'] is None:
+    masks = {**masks, 'segment_ids_BT': jnp.ones(q_BTNH.shape[:2], jnp.int32)}
+  masks = {name: x for name, x in masks.items() if x is not None}
+  inputs = (q_BTNH, k_BSKH, v_BSKH, *masks.values())
   axes = tuple(sorted(frozenset().union(*map(parallel.varying_axes, inputs))))
   if not axes:
-    return flash_attention(*inputs, causal=causal, interpret=True)
+    return flash_attention(q_BTNH, k_BSKH, v_BSKH, **masks, causal=causal, interpret=True)
   me = jax.lax.axis_index(axes)
   count = math.prod(parallel.axis_size(axis) for axis in axes)
 
@@ -106,7 +121,9 @@ def _interpreted_flash_attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal:
     slots = jnp.zeros((count, *x.shape), x.dtype).at[me].set(x)
     return jax.lax.psum(slots, axes).reshape(count * x.shape[0], *x.shape[1:])
 
-  out = flash_attention(*map(everyone, inputs), causal=causal, interpret=True)
+  out = flash_attention(*map(everyone, (q_BTNH, k_BSKH, v_BSKH)),
+                        **{name: everyone(x) for name, x in masks.items()},
+                        causal=causal, interpret=True)
   return out.reshape(count, *q_BTNH.shape)[me]
 
 

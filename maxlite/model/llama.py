@@ -25,10 +25,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from maxlite.config import padded_vocab_size
-from maxlite.model import layers, moe as moe_lib, parallel, pipeline
+from maxlite.model import context, layers, moe as moe_lib, parallel, parametrization, pipeline
 from maxlite.model.attention import attention
 from maxlite.model.remat import POLICIES as REMAT_POLICIES
 
@@ -61,6 +62,11 @@ class LlamaConfig:
   pipeline_stages: int = 1
   pipeline_microbatches: int = 1
   pipeline_repeats: int = 1
+  # 'standard' or 'mup' (maxlite.model.parametrization: init, logit and attention multipliers).
+  parametrization: str = 'standard'
+  mup_base_width: int = 0
+  mup_base_head_dim: int = 0
+  pipeline_1f1b: bool = False  # train with maxlite.model.pipeline_1f1b
   # Mixture of Experts (maxlite.model.moe); 0 experts: dense.
   num_experts: int = 0
   experts_per_token: int = 2
@@ -89,7 +95,8 @@ class LlamaConfig:
 
   @property
   def pipeline_schedule(self) -> pipeline.Schedule:
-    return pipeline.Schedule(self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats)
+    return pipeline.Schedule(self.pipeline_stages, self.pipeline_microbatches, self.pipeline_repeats,
+                             self.pipeline_1f1b)
 
 
 class KVCache(NamedTuple):
@@ -132,15 +139,18 @@ class Attention(nnx.Module):
                           **kw)
     self.rope_theta = cfg.rope_theta
     self.backend = cfg.attention
+    self.query_scale = parametrization.query_multiplier(cfg)  # 1.0 but under µP
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
     """Returns (output, cache); with a cache, this layer's slots of it are updated."""
     q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
+    if self.query_scale != 1.0:
+      q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
     k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
     v_BTKH = self.v(x_BTD)
-    if cache is None:
-      out_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
-                           causal=True, backend=self.backend)
+    if cache is None:  # with context parallelism, to the whole row's keys (maxlite.model.context)
+      out_BTNH = context.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
+                                   backend=self.backend)
     else:
       cache = cache.write(layer, k_BTKH, v_BTKH, positions_BT)
       batch, slots = cache.k_LBSKH.shape[1:3]
@@ -148,7 +158,8 @@ class Attention(nnx.Module):
       out_BTNH = attention(q_BTNH, cache.k_LBSKH[layer], cache.v_LBSKH[layer], segment_ids_BT,
                            positions_BT, causal=True, backend=self.backend,
                            kv_segment_ids_BS=jnp.ones_like(slots_BS), kv_positions_BS=slots_BS)
-    return self.o(out_BTNH), cache
+    # The name remat policies save or offload it by (maxlite.model.remat).
+    return self.o(checkpoint_name(out_BTNH, 'attention')), cache
 
 
 class Block(nnx.Module):
@@ -220,6 +231,7 @@ class Llama(nnx.Module):
                                   std=cfg.init_std, dtype=cfg.param_dtype, rngs=rngs,
                                   reduce_dtype=cfg.grad_reduce_dtype,
                                   padded_out_dims=(cfg.vocab_rows,))
+    parametrization.scale_init(self, cfg)
 
   def __call__(self, tokens_BT, segment_ids_BT, positions_BT, *, compute_dtype=jnp.float32):
     """Returns logits [B, T, V] in float32 (float64 when computing in float64)."""
@@ -234,10 +246,34 @@ class Llama(nnx.Module):
     Each device computes only its vocabulary slice of the logits; they are
     never gathered (maxlite.model.parallel.cross_entropy).
     """
-    x_BTD, _, table_VD, stats = self._hidden(tokens_BT, segment_ids_BT, positions_BT, None,
-                                             compute_dtype)
-    losses = parallel.cross_entropy(self._logits(x_BTD, table_VD), targets_BT)
+    sp = tokens_BT.shape[1] % parallel.axis_size('tensor') == 0
+    table_VD = self.embed.gather(compute_dtype)
+    x_BtD = self.embed_inputs(tokens_BT, table_VD, sp)
+    x_BtD, _, stats = self._run_blocks(x_BtD, segment_ids_BT, positions_BT, None, sp)
+    losses = self.head_losses(x_BtD, table_VD, targets_BT, sp)
     return (*losses, stats) if router_stats else losses
+
+  # The pieces of token_losses, which the 1F1B pipeline schedules
+  # (maxlite.model.pipeline_1f1b) differentiate one by one. table_VD: the
+  # embedding gathered once (embed.gather), for both ends when tied.
+  def embed_inputs(self, tokens_BT, table_VD, sequence_parallel: bool):
+    """The residual entering the blocks [B, t, D]."""
+    return parallel.scatter_sequence(self.embed(tokens_BT, table_VD.dtype, table_VD), sequence_parallel)
+
+  def layer_runner(self, sequence_parallel: bool):
+    """run_layers(layers, x_btD, segment_ids_bT, positions_bT) -> x_btD for a
+    group of the dense stack `blocks` (the 1F1B schedules, which refuse MoE)."""
+    graphdefs = {'blocks': nnx.graphdef(self.blocks)}
+    def run_layers(layers, x_btD, segment_ids_bT, positions_bT):
+      return _run_layers(graphdefs, self.cfg, {'blocks': layers}, x_btD, segment_ids_bT,
+                         positions_bT, None, sequence_parallel)[0]
+    return run_layers
+
+  def head_losses(self, x_BtD, table_VD, targets_BT, sequence_parallel: bool):
+    """(cross-entropy, log-normaliser) [B, T] from the blocks' output."""
+    x_BTD = parallel.gather_sequence(self.final_norm(x_BtD), sequence_parallel)
+    return parallel.cross_entropy(self._logits(x_BTD, table_VD if self.cfg.tie_embeddings else None),
+                                  targets_BT)
 
   def decode(self, tokens_BT, positions_BT, cache: KVCache, *, compute_dtype=jnp.float32):
     """(logits [B, T, V], cache) for tokens at positions_BT that continue what
@@ -264,6 +300,8 @@ class Llama(nnx.Module):
       logits_BTv = self.embed.attend(x_BTD, table_VD)
     else:
       logits_BTv = self.lm_head(x_BTD, out_dtype=jnp.promote_types(x_BTD.dtype, jnp.float32).name)
+    if (multiplier := parametrization.logit_multiplier(self.cfg)) != 1.0:
+      logits_BTv = logits_BTv * multiplier
     return parallel.mask_padding(logits_BTv, self.cfg.vocab_size)
 
   def _whole_vocab(self, logits_BTv):

@@ -65,8 +65,9 @@ from maxlite.mesh import LOGICAL_AXIS_RULES, sharded_dim
 from maxlite.model import layers, parallel
 from maxlite.model.parallel import axis_index, axis_size, varying_axes
 
-# Tokens are split over these mesh axes; router statistics are summed over them.
-BATCH_AXES = LOGICAL_AXIS_RULES['batch']
+# Tokens are split over these mesh axes (rows, and their length); router
+# statistics are summed over them.
+BATCH_AXES = LOGICAL_AXIS_RULES['batch'] + LOGICAL_AXIS_RULES['length']
 
 
 @dataclasses.dataclass(frozen=True)

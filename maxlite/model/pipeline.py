@@ -56,26 +56,45 @@ class Schedule:
   stages: int
   microbatches: int
   repeats: int = 1
+  # The 1F1B schedules (maxlite.model.pipeline_1f1b) for training; the
+  # forward-only passes (eval) run `run` below, whose layer placement they share.
+  one_f_one_b: bool = False
 
   @property
   def name(self) -> str:
-    return 'afab' if self.repeats == 1 else 'circular'
+    kind = 'afab' if self.repeats == 1 else 'circular'
+    if self.one_f_one_b:
+      kind = '1f1b' if self.repeats == 1 else 'interleaved_1f1b'
+    return kind
 
   @property
   def iterations(self) -> int:
+    if self.one_f_one_b:  # forwards start R P - 1 iterations ahead of the backwards
+      return self.repeats * (self.microbatches + self.stages) + self.stages - 2
     return self.repeats * self.microbatches + self.stages - 1
 
   @property
   def bubble(self) -> float:
-    """Share of stage-iterations that are idle."""
-    return (self.stages - 1) / self.iterations
+    """Share of a stage's time that is idle. Under 1F1B an iteration is one
+    forward and one backward, and the first and last R P - 1 run only one of them."""
+    return (self.stages - 1) / (self.repeats * self.microbatches + self.stages - 1)
+
+  @property
+  def stash(self) -> int:
+    """Stage inputs a stage keeps for its backward pass: a ring of O(R P) under
+    1F1B; every iteration's under autodiff of the scan."""
+    if self.one_f_one_b:
+      return min(2 * self.repeats * self.stages - 1, self.repeats * self.microbatches)
+    return self.iterations
 
   def describe(self, num_layers: int) -> str:
     group = num_layers // (self.stages * self.repeats)
     repeats = f' x {self.repeats} repeats' if self.repeats > 1 else ''
+    idle = self.stages - 1
     return (f'pipeline: {self.name} schedule, {self.stages} stages{repeats} of {group} layer(s), '
             f'{self.microbatches} micro-batches, {self.iterations} iterations, '
-            f'bubble {self.stages - 1}/{self.iterations} = {100 * self.bubble:.1f}%')
+            f'bubble {idle}/{idle + self.repeats * self.microbatches} = {100 * self.bubble:.1f}%, '
+            f'stash {self.stash} stage inputs of one micro-batch')
 
 
 def to_stage_order(stacked, schedule: Schedule):
@@ -162,8 +181,9 @@ def run(run_layers: Callable, stage_layers, x_BtD, segment_ids_BT, positions_BT,
   stats_R = jax.tree.map(
       lambda s: jax.lax.pcast(jnp.zeros((num_repeats, *s.shape), s.dtype), manual, to='varying'),
       stats_shapes)
+  # R M + P - 1 forward iterations, whichever schedule trains (1F1B's eval runs this too).
   ((_, queue_MbtD), stats_R), _ = jax.lax.scan(iteration, ((state_btD, queue_MbtD), stats_R),
-                                               jnp.arange(schedule.iterations))
+                                               jnp.arange(num_repeats * num_micro + num_stages - 1))
   out_MbtD = jax.lax.psum(jnp.where(stage == 0, queue_MbtD, 0), 'pipeline')
   stats = jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats_R)
   return out_MbtD.reshape(x_BtD.shape), stats
