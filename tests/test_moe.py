@@ -14,7 +14,7 @@ from maxlite import state as state_lib, step as step_lib
 from maxlite.model import moe
 from maxlite.model.llama import LlamaConfig
 
-SEQ_LEN, BATCH = 16, 16
+SEQ_LEN, BATCH = 16, 8
 
 
 # -- the layer against a per-expert loop in float64 --------------------------------------
@@ -135,10 +135,11 @@ def test_flops_count_active_parameters_only():
 def small_config(**parallel):
   config = base.get_config()
   model = config.model
-  model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads = 32, 4, 4, 2
+  model.hidden_size, model.num_layers, model.num_heads, model.num_kv_heads = 32, 2, 4, 2
   model.intermediate_size, model.max_seq_len = 64, SEQ_LEN
   model.num_experts, model.experts_per_token, model.moe_intermediate_size = 8, 2, 16
-  model.moe_every, model.moe_shared_expert_size = 2, 16  # dense, MoE, dense, MoE
+  # Two MoE layers with a shared expert (a dense layer between MoE ones: test_generate.py).
+  model.moe_every, model.moe_shared_expert_size = 1, 16
   config.train.steps, config.train.micro_batch_size = 10, BATCH
   config.optim.warmup_steps = 2
   config.parallel.data = 1
@@ -194,12 +195,10 @@ def relative_error(a, b):
   return np.linalg.norm(np.ravel(a - b)) / max(np.linalg.norm(np.ravel(b)), 1e-30)
 
 
+# Few meshes, each combining several axes: every one is a compile.
 MESHES = {
-    'expert2_data4': dict(expert=2, data=4),
-    'expert4_fsdp2': dict(expert=4, fsdp=2),
-    'expert8': dict(expert=8),
     'expert2_tensor2_data2_zero1': dict(expert=2, tensor=2, data=2, zero1=True),
-    'pipeline2_expert2_data2': dict(pipeline=2, expert=2, data=2),
+    'expert8': dict(expert=8),
 }
 
 
@@ -235,23 +234,23 @@ def test_moe_tiny_trains_logs_its_balance_and_resumes_exactly(tmp_path, capsys):
   from configs import moe_tiny
   from maxlite.train import train
   config = moe_tiny.get_config()
-  config.model.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_layers=2,
+  config.model.update(hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_layers=2,
                       moe_bias_update_rate=1e-3)
-  config.data.seq_len = 64
+  config.data.seq_len = 32
   config.parallel.update(data=2, expert=4)
-  config.train.update(run_dir=str(tmp_path / 'run'), steps=30, log_interval=1, eval_steps=0,
-                      micro_batch_size=16)
-  config.optim.update(warmup_steps=1, lr=3e-3)
-  config.checkpoint.interval = 15
+  config.train.update(run_dir=str(tmp_path / 'run'), steps=10, log_interval=1, eval_steps=0,
+                      micro_batch_size=8)
+  config.optim.update(warmup_steps=1, lr=1e-2)
+  config.checkpoint.interval = 5
   straight = {h['step']: h for h in train(config) if 'loss' in h}
   losses = [straight[s]['loss'] for s in sorted(straight)]
-  assert sum(losses[:2]) / 2 - sum(losses[-3:]) / 3 > 0.5, losses
+  assert sum(losses[:2]) / 2 - sum(losses[-3:]) / 3 > 0.3, losses
   assert all(1.0 <= straight[s]['moe_load'] <= 4.0 for s in straight)
   assert 'balance ' in capsys.readouterr().out
 
   resumed_dir = tmp_path / 'resumed'
   shutil.copytree(tmp_path / 'run', resumed_dir)
-  shutil.rmtree(resumed_dir / 'checkpoints' / '30')
+  shutil.rmtree(resumed_dir / 'checkpoints' / '10')
   config.train.run_dir = str(resumed_dir)
   resumed = {h['step']: h['loss'] for h in train(config) if 'loss' in h}
-  assert resumed == {s: straight[s]['loss'] for s in range(16, 31)}
+  assert resumed == {s: straight[s]['loss'] for s in range(6, 11)}
