@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks.batches import make_batch  # noqa: E402
 from maxlite import config as config_lib, metrics as metrics_lib  # noqa: E402  (no backend starts)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config file.',
@@ -59,20 +60,6 @@ _SIDE = flags.DEFINE_enum('side', '', ['', 'maxlite', 'torch'], 'internal: run o
 _WORKDIR = flags.DEFINE_string('workdir', '', 'internal: where the sides exchange files')
 
 RESULT_PREFIX = 'RESULT '
-
-
-def make_batch(batch: int, length: int, vocab: int, documents: int, seed: int = 0) -> dict:
-  """maxlite's batch layout: `documents` equal documents per row, positions restarting in each."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(0, vocab, (batch, length + 1))
-  index = np.arange(length)
-  segment_ids = 1 + index * documents // length
-  starts = np.searchsorted(segment_ids, segment_ids)  # first index of each token's document
-  same_next = np.append(segment_ids[1:] == segment_ids[:-1], False)
-  rows = lambda x: np.broadcast_to(x, (batch, length))
-  return {name: np.ascontiguousarray(x, np.int32) for name, x in (
-      ('inputs', tokens[:, :-1]), ('targets', tokens[:, 1:]), ('segment_ids', rows(segment_ids)),
-      ('positions', rows(index - starts)), ('loss_mask', rows(same_next)))}
 
 
 def timed_windows(step, wait, steps: int, windows: int) -> tuple[float, list[float]]:

@@ -119,7 +119,7 @@ def test_a_checkpoint_from_fsdp8_resumes_on_one_device(straight_run):
   process = run_cli(one_device, '--config.train.steps=20', '--config.parallel.data=-1', devices=1)
   out, _ = process.communicate(timeout=300)
   assert process.returncode == 0, out
-  assert "mesh: {'data': 1, 'fsdp': 1, 'tensor': 1, 'pipeline': 1} over 1 x cpu" in out
+  assert "mesh: {'data': 1, 'fsdp': 1, 'context': 1, 'expert': 1, 'tensor': 1, 'pipeline': 1} over 1 x cpu" in out
   resumed = logged_losses(one_device)
   np.testing.assert_allclose([resumed[s] for s in range(11, 21)],
                              [straight[s] for s in range(11, 21)], rtol=2e-5)

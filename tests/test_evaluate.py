@@ -69,7 +69,8 @@ def test_evaluate_gives_the_validation_loss_training_logged(run, corpus, tensor,
   np.testing.assert_allclose(result.loss, logged_val_loss(run), rtol=1e-5)
   assert result.perplexity == pytest.approx(np.exp(result.loss))
   assert (result.step, result.batches, result.batch_size, result.seq_len) == (TRAIN_STEPS, 2, 8, 128)
-  assert result.mesh == {'data': 8 // (tensor * fsdp), 'fsdp': fsdp, 'tensor': tensor, 'pipeline': 1}
+  assert result.mesh == {'data': 8 // (tensor * fsdp), 'fsdp': fsdp, 'context': 1, 'expert': 1,
+                         'tensor': tensor, 'pipeline': 1}
   assert 0 < result.tokens <= 2 * 8 * 128  # concat packing trains every token of its rows
 
 
@@ -122,7 +123,7 @@ def test_cli_prints_one_line_or_json(run, corpus):
   assert result.returncode == 0, result.stderr
   printed = json.loads(result.stdout)
   assert (printed['step'], printed['batches'], printed['batch_size']) == (TRAIN_STEPS, 4, 4)
-  assert printed['mesh'] == {'data': 1, 'fsdp': 1, 'tensor': 1, 'pipeline': 1}
+  assert printed['mesh'] == {'data': 1, 'fsdp': 1, 'context': 1, 'expert': 1, 'tensor': 1, 'pipeline': 1}
   np.testing.assert_allclose(printed['loss'], logged_val_loss(run), rtol=1e-5)
   assert printed['perplexity'] == pytest.approx(np.exp(printed['loss']))
 

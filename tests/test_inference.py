@@ -78,7 +78,7 @@ def on_tensor_mesh(run):
 @pytest.mark.parametrize('length', [16, 13])  # sequence-parallel blocks, and whole-length ones
 def test_a_tensor_mesh_gives_the_one_device_logits(on_tensor_mesh, one_device, length):
   model = on_tensor_mesh
-  assert dict(model.mesh.shape) == {'data': 1, 'fsdp': 1, 'tensor': 4, 'pipeline': 1}
+  assert dict(model.mesh.shape) == {'data': 1, 'fsdp': 1, 'context': 1, 'expert': 1, 'tensor': 4, 'pipeline': 1}
   tokens_BT = tokens(2, length, seed=length)
   logits = model(tokens_BT)
   assert logits.shape == (2, length, 264)  # the true vocabulary, not the mesh's padding

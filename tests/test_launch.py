@@ -135,7 +135,7 @@ def test_kubernetes_manifest_is_consistent():
 
 def test_cscs_config_is_data_2_by_tensor_4_on_8_gpus():
   config = llama_109m_cscs.get_config()
-  expected = {'data': 2, 'fsdp': 1, 'tensor': 4, 'pipeline': 1}
+  expected = {'data': 2, 'fsdp': 1, 'context': 1, 'expert': 1, 'tensor': 4, 'pipeline': 1}
   assert config_lib.mesh_shape(config.parallel, 8) == expected
   # validate() reads no data: it checks fields and numbers only.
   assert config_lib.validate(config, 8) == expected

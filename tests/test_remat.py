@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.train_step import make_batch
+from benchmarks.batches import make_batch
 from configs import base
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
 from maxlite.model import remat

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks import torch_peer
-from benchmarks.train_step import make_batch
+from benchmarks.batches import make_batch
 from configs import tiny
 from maxlite import config as config_lib, mesh as mesh_lib, optim, state as state_lib, step as step_lib
 from maxlite.model.llama import LlamaConfig
