@@ -198,6 +198,7 @@ def relative_error(a, b):
 # Few meshes, each combining several axes: every one is a compile.
 MESHES = {
     'expert2_tensor2_data2_zero1': dict(expert=2, tensor=2, data=2, zero1=True),
+    'expert4_fsdp2': dict(expert=4, fsdp=2),
     'expert8': dict(expert=8),
 }
 
