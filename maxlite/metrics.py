@@ -53,8 +53,8 @@ def matmul_params(model) -> int:
   attention = d * (model.num_heads + 2 * model.num_kv_heads) * hd + model.num_heads * hd * d
   mlp = 3 * d * model.intermediate_size
   dense_layers, moe_layers = moe.layer_counts(model)
-  return (model.num_layers * attention + dense_layers * mlp + moe_layers * moe.active_params(model)
-          + model.vocab_size * d)  # + LM head
+  experts = moe_layers * moe.active_params(model) if moe_layers else 0
+  return model.num_layers * attention + dense_layers * mlp + experts + model.vocab_size * d  # + LM head
 
 
 def flops_per_token(model, seq_len: int, causal: bool = False) -> float:

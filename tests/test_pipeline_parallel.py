@@ -225,10 +225,10 @@ BROKEN = [
      r'\(parallel\.pipeline_repeats=2 > 1\)'),
     ({'parallel.pipeline': 2, 'parallel.pipeline_microbatches': 8},
      r'train\.micro_batch_size=16 is not divisible by parallel\.pipeline_microbatches=8 x '
-     r'parallel\.data\*parallel\.fsdp=4'),
+     r'parallel\.data\*parallel\.fsdp\*parallel\.expert=4'),
     ({'parallel.pipeline': 4, 'parallel.data': 1, 'parallel.fsdp': 2, 'train.micro_batch_size': 6},
      r'train\.micro_batch_size=6 is not divisible by parallel\.pipeline_microbatches=4 x '
-     r'parallel\.data\*parallel\.fsdp=2'),
+     r'parallel\.data\*parallel\.fsdp\*parallel\.expert=2'),
     ({'parallel.pipeline_repeats': 2}, r'parallel\.pipeline_repeats=2, parallel\.pipeline_microbatches=0 '
                                        r"and parallel\.pipeline_schedule='afab' need parallel\.pipeline > 1"),
     ({'parallel.pipeline_microbatches': 4}, r'parallel\.pipeline_repeats=1, '

@@ -31,7 +31,9 @@ def test_a_resumed_run_dir_continues_the_same_wandb_run(tmp_path, monkeypatch):
     logger.close()
   assert ids[0] == ids[1] == (tmp_path / 'wandb_id').read_text().strip()
   runs = sorted((tmp_path / 'wandb').glob(f'offline-run-*-{ids[0]}'))
-  assert len(runs) == 2 and all((r / f'run-{ids[0]}.wandb').stat().st_size > 0 for r in runs)
+  # wandb names an offline run's folder by its start time to the second and the
+  # run id: a resume within the same second appends to the first folder.
+  assert 1 <= len(runs) <= 2 and all((r / f'run-{ids[0]}.wandb').stat().st_size > 0 for r in runs)
 
 
 def test_only_process_zero_logs(tmp_path, monkeypatch):
