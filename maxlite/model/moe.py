@@ -90,7 +90,7 @@ class MoeSettings:
 
 def layer_counts(cfg) -> tuple[int, int]:
   """(dense layers, MoE layers): layers n-1, 2n-1, ... are MoE with model.moe_every=n."""
-  if not cfg.num_experts:
+  if not getattr(cfg, 'num_experts', 0):  # a dense config may predate the MoE fields
     return cfg.num_layers, 0
   moe = cfg.num_layers // cfg.moe_every
   return cfg.num_layers - moe, moe
