@@ -3,6 +3,7 @@ on the same batch from the same initial parameters.
 
     python benchmarks/train_step.py [--config=configs/tiny.py] [--config.model.attention=pallas]
         [--backends=xla,pallas] [--nopeer] [--steps=10] [--windows=3] [--documents=1] [--threads=1]
+        [--rounds=1]
 
 Prints, per implementation: tokens/s, ms/step, MFU in both of maxlite.metrics'
 conventions (PaLM, and with attention's causal half not counted; '-' where the
@@ -20,6 +21,12 @@ The batch is synthetic (seeded random tokens, `--documents` equal documents
 per row); speed does not depend on its contents. A step is timed as the
 loop runs it: `--steps` steps dispatched back to back, then one wait, over
 `--windows` windows after `--warmup` steps; the median window counts.
+
+A shared or virtual machine's speed drifts by tens of percent over minutes,
+more than the difference being measured. `--rounds=N` runs every side N
+times, interleaved, the order reversed each round; each row is then that
+side's median round, and "vs peer" is the median of the N ratios taken within
+a round (each against the peer's run beside it), with their range.
 """
 import dataclasses
 import json
@@ -50,9 +57,11 @@ _WINDOWS = flags.DEFINE_integer('windows', 3, 'timed windows; the median counts'
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'untimed steps after the first')
 _DOCUMENTS = flags.DEFINE_integer('documents', 1, 'equal documents per row of the batch')
 _THREADS = flags.DEFINE_integer(
-    'threads', 0, 'CPU only: 1 runs each side on one thread (XLA without its Eigen pool, torch '
-    'with one intra-op thread), a comparison of work that a loaded machine does not distort; '
-    "0: each library's own default")
+    'threads', 0, 'CPU only: 1 runs each side on one core (the process pinned to one CPU; XLA '
+    'without its Eigen pool, torch with one intra-op thread), a comparison of work that a '
+    "loaded machine distorts less; 0: each library's own default")
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'run every side this many times, interleaved; '
+                               'the median round counts')
 _RESULTS = flags.DEFINE_string('results', '', 'append one JSON line per row to this file')
 _SIDE_TIMEOUT = flags.DEFINE_integer('side_timeout', 0, 'seconds each side may take; 0: no limit')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'check the config and print the commands; run nothing')
@@ -77,6 +86,10 @@ def timed_windows(step, wait, steps: int, windows: int) -> tuple[float, list[flo
   return statistics.median(times), usage
 
 
+def pin_to_one_cpu():
+  os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def _usage() -> tuple[float, float, int]:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime, usage.ru_stime, usage.ru_minflt
@@ -90,7 +103,10 @@ def _peak_rss_bytes() -> int:
 
 def run_maxlite(config, workdir: pathlib.Path) -> dict:
   from maxlite import xla_flags
-  if _THREADS.value == 1:  # XLA has no thread count, only Eigen's pool on or off
+  if _THREADS.value == 1:
+    # XLA has no thread count: its Eigen pool can be off, but its executor still runs
+    # independent operations side by side on threads of its own; the pin stops that.
+    pin_to_one_cpu()
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false').strip()
   print(xla_flags.apply(config.platform), file=sys.stderr)  # before the backend starts, as in train.py
   import jax
@@ -147,6 +163,7 @@ def run_torch(config, workdir: pathlib.Path) -> dict:
   import torch
   from benchmarks import torch_peer
   if _THREADS.value:
+    pin_to_one_cpu()
     torch.set_num_threads(_THREADS.value)
 
   on_gpu = torch.cuda.is_available() and config.platform != 'cpu'
@@ -224,19 +241,37 @@ def add_rates(result: dict, config):
     result[name] = metrics_lib.mfu(flops, result['tokens_per_second'], 1, peak)
 
 
-def row(result: dict, peer: dict | None) -> str:
+def row(result: dict, ratios: list[float]) -> str:
+  """One table row; `ratios`: this side's speed over the peer's, one per round (none for the peer)."""
   if 'error' in result:
     return f'| {result["impl"]:7} | {result["attention"]:9} | {result["error"]}'
   mfus = ['-' if result[k] is None else f'{100 * result[k]:.1f}%' for k in ('mfu', 'mfu_causal')]
   versus = '-'
-  if peer and 'error' not in peer and result is not peer:
-    versus = f'{peer["seconds_per_step"] / result["seconds_per_step"]:.2f}'
+  if ratios:
+    versus = f'{statistics.median(ratios):.2f}'
+    if len(ratios) > 1:
+      versus += f' ({min(ratios):.2f}-{max(ratios):.2f})'
   user, system, faults = result['cpu_per_step']
   return (f'| {result["impl"]:7} | {result["attention"]:9} | {result["tokens_per_second"]:10,.0f} | '
           f'{1e3 * result["seconds_per_step"]:8.2f} | {mfus[0]:>6} | {mfus[1]:>6} | '
           f'{result["peak_bytes"] / 2**20:8,.0f} {result["peak_kind"]:6} | '
           f'{user:5.3f}+{system:5.3f} | {faults:8,.0f} | {result["first_loss"]:.6f} | '
           f'{result["compile_seconds"]:9.1f} | {versus}')
+
+
+def median_round(results: list[dict]) -> dict:
+  """The round whose ms/step is the median (the lower one of an even count); an error if any."""
+  failed = [r for r in results if 'error' in r]
+  if failed:
+    return failed[0]
+  ordered = sorted(results, key=lambda r: r['seconds_per_step'])
+  return ordered[(len(ordered) - 1) // 2]
+
+
+def paired_ratios(results: list[dict], peers: list[dict]) -> list[float]:
+  """Per round: the peer's seconds per step over this side's (> 1: this side is faster)."""
+  return [peer['seconds_per_step'] / result['seconds_per_step']
+          for result, peer in zip(results, peers) if 'error' not in result and 'error' not in peer]
 
 
 def main(argv):
@@ -265,28 +300,35 @@ def main(argv):
   shape = f'{model.num_layers}x{model.hidden_size} {rows}x{config.data.seq_len} {model.compute_dtype}'
   plan = [('maxlite', backend) for backend in _BACKENDS.value or ['']]
   plan += [('torch', '')] if _PEER.value else []
-  everything = []
+  if _ROUNDS.value < 1:
+    raise app.UsageError(f'--rounds={_ROUNDS.value} must be at least 1')
+  runs = {key: [] for key in plan}
   with tempfile.TemporaryDirectory() as workdir:
-    for side, backend in plan:  # maxlite's first backend first: it saves the initial parameters
-      result = run_side(side, backend, workdir, _SIDE_TIMEOUT.value or None)
-      add_rates(result, config)
-      everything.append(result)
-      print(f'{side} {backend or ""}: ' + ('done' if 'error' not in result else result['error']),
-            file=sys.stderr, flush=True)
-      if _RESULTS.value:  # as each side ends: a time limit on the whole run loses no finished side
-        with open(_RESULTS.value, 'a') as out:
-          out.write(json.dumps({'shape': shape, **result}) + '\n')
-  peer = next((r for r in everything if r['impl'] == 'torch'), None)
+    for round_index in range(_ROUNDS.value):
+      # maxlite's first backend first in round one: it saves the initial parameters
+      for side, backend in plan if round_index % 2 == 0 else plan[::-1]:
+        result = run_side(side, backend, workdir, _SIDE_TIMEOUT.value or None)
+        add_rates(result, config)
+        runs[side, backend].append(result)
+        print(f'{side} {backend or ""}: ' + ('done' if 'error' not in result else result['error']),
+              file=sys.stderr, flush=True)
+        if _RESULTS.value:  # as each side ends: a time limit on the whole run loses no finished side
+          with open(_RESULTS.value, 'a') as out:
+            out.write(json.dumps({'shape': shape, 'round': round_index, **result}) + '\n')
+  peers = runs.get(('torch', ''))
+  everything = [median_round(results) for results in runs.values()]
   device = next((r['device_kind'] for r in everything if 'device_kind' in r), '?')
-  print(f'device: {device}; ms/step: median of {_WINDOWS.value} windows of {_STEPS.value} steps; '
-        'CPU s/step: user+system seconds per step; faults: minor page faults per step; '
-        'vs peer: maxlite speed / peer speed')
+  rounds = f'median of {_ROUNDS.value} interleaved rounds, each ' if _ROUNDS.value > 1 else ''
+  print(f'device: {device}; ms/step: {rounds}median of {_WINDOWS.value} windows of {_STEPS.value} '
+        'steps; CPU s/step: user+system seconds per step; faults: minor page faults per step; '
+        'vs peer: maxlite speed / peer speed' + (' (median of the rounds, range)' if rounds else ''))
   print('| impl    | attention |   tokens/s |  ms/step |    MFU | causal |        peak MiB | '
         ' CPU s/step | faults/step | step-1 loss | compile s | vs peer')
   print('|---------|-----------|------------|----------|--------|--------|-----------------|'
         '-------------|-------------|-------------|-----------|--------')
-  for result in everything:
-    print(row(result, peer), flush=True)
+  for key, results in runs.items():
+    ratios = paired_ratios(results, peers) if peers and key[0] != 'torch' else []
+    print(row(median_round(results), ratios), flush=True)
 
 
 if __name__ == '__main__':

@@ -104,3 +104,29 @@ def test_documents_do_not_attend_to_each_other():
             for t in (tokens, changed)]
   np.testing.assert_array_equal(logits[0][0, 10:], logits[1][0, 10:])
   assert np.abs(logits[0][0, :10] - logits[1][0, :10]).max() > 1e-3
+
+
+def test_rotary_uses_exact_angles_and_the_compiled_model_computes_no_sine():
+  """Rotary angles come from a float64 table: exact to float32 rounding at any position
+  (computed in float32, position x frequency loses ~1e-4 rad by position 4000), and no
+  sine or cosine is left in the program for XLA to fuse into every consumer."""
+  from maxlite.model import layers
+  length, head_dim, theta = 4096, 8, 10_000.0
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, length, 2, head_dim)).astype(np.float32)
+  positions = np.arange(length)[None]
+  got = np.asarray(layers.rotary(jnp.asarray(x), jnp.asarray(positions), theta, length))
+  half = head_dim // 2
+  angle = positions[..., None, None] * theta ** (-np.arange(half) / half)
+  first, second = x[..., :half].astype(np.float64), x[..., half:].astype(np.float64)
+  expected = np.concatenate([first * np.cos(angle) - second * np.sin(angle),
+                             second * np.cos(angle) + first * np.sin(angle)], axis=-1)
+  np.testing.assert_allclose(got, expected, atol=3e-6)
+
+  cfg = small_config(param_dtype='float32')
+  model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))),
+                    init_params(cfg, seed=0))
+  tokens = jnp.zeros((2, 24), jnp.int32)
+  segment_ids, positions = jnp.ones_like(tokens), jnp.broadcast_to(jnp.arange(24), (2, 24))
+  hlo = jax.jit(lambda t, s, p: model(t, s, p)).lower(tokens, segment_ids, positions).compile().as_text()
+  assert not any(op in hlo for op in (' sine(', ' cosine('))

@@ -8,8 +8,11 @@ maxlite.mesh turns those names into shardings. The layers run on whatever
 shard of a weight the device holds; the weight matmuls and the embedding go
 through maxlite.model.parallel, which gathers the fsdp-split dimension.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
@@ -70,16 +73,28 @@ class RMSNorm(nnx.Module):
     return (normed * self.scale[...].astype(normed.dtype)).astype(x.dtype)
 
 
-def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+@functools.lru_cache(maxsize=8)
+def rotary_table(length: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """(sin, cos), each [length, head_dim / 2] float64: the rotary angles of positions 0..length-1."""
+  half = head_dim // 2
+  angle_PH = np.arange(length, dtype=np.float64)[:, None] * theta ** (-np.arange(half) / half)
+  return np.sin(angle_PH), np.cos(angle_PH)
+
+
+def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float, length: int) -> jax.Array:
   """Rotary embedding in the half-split layout (pairs are (i, i + H/2)).
 
-  Positions restart per packed document, so each document sees positions 0..n.
+  Positions restart per packed document, so each document sees positions 0..n,
+  all below `length` (the row's, or the KV cache's). The sines and cosines come
+  from a table: computed in place, XLA fuses them into each elementwise consumer
+  and evaluates them again per head and per use, ~4% of a small model's step
+  on a CPU (benchmarks/NOTES.md).
   """
   half = x_BTNH.shape[-1] // 2
   dtype = jnp.promote_types(x_BTNH.dtype, jnp.float32)
-  inv_freq = theta ** (-jnp.arange(half, dtype=dtype) / half)
-  angle_BTH = positions_BT.astype(dtype)[..., None] * inv_freq
-  sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
+  sin_PH, cos_PH = rotary_table(length, x_BTNH.shape[-1], theta)
+  sin = jnp.asarray(sin_PH, dtype)[positions_BT][:, :, None, :]
+  cos = jnp.asarray(cos_PH, dtype)[positions_BT][:, :, None, :]
   x = x_BTNH.astype(dtype)
   first, second = x[..., :half], x[..., half:]
   rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

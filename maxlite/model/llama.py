@@ -143,10 +143,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BTD, segment_ids_BT, positions_BT, cache: KVCache | None = None, layer=None):
     """Returns (output, cache); with a cache, this layer's slots of it are updated."""
-    q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta)
+    # Positions are below the row's length (all of it, with context parallelism) or the cache's.
+    if cache is None:
+      length = x_BTD.shape[1] * parallel.axis_size(context.AXIS)
+    else:
+      length = cache.k_LBSKH.shape[2]
+    q_BTNH = layers.rotary(self.q(x_BTD), positions_BT, self.rope_theta, length)
     if self.query_scale != 1.0:
       q_BTNH = q_BTNH * jnp.asarray(self.query_scale, q_BTNH.dtype)
-    k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta)
+    k_BTKH = layers.rotary(self.k(x_BTD), positions_BT, self.rope_theta, length)
     v_BTKH = self.v(x_BTD)
     if cache is None:  # with context parallelism, to the whole row's keys (maxlite.model.context)
       out_BTNH = context.attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, positions_BT,
