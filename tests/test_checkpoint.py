@@ -15,6 +15,8 @@ from maxlite.train import train
 from tests.test_train import tiny_config
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+# tiny, smaller still: what is under test is the checkpoint, not the model.
+SMALL_MODEL = {'num_layers': 2, 'max_seq_len': 64}
 
 
 def losses(history) -> dict[int, float]:
@@ -44,6 +46,7 @@ def straight_run(tmp_path_factory):
   """20 steps on fsdp=8 with checkpoints every 5 steps, kept forever every 10."""
   run_dir = tmp_path_factory.mktemp('straight') / 'run'
   config = tiny_config(run_dir, steps=20, log_interval=1, eval_steps=0)
+  config.model.update(SMALL_MODEL)
   config.parallel.data, config.parallel.fsdp = 1, 8
   config.checkpoint.interval, config.checkpoint.max_to_keep, config.checkpoint.keep_every = 5, 2, 10
   return config, run_dir, losses(train(config))
@@ -69,6 +72,7 @@ def test_a_muon_run_resumes_exactly_on_a_sharded_mesh(tmp_path):
   # Muon's state (momentum of the matrices, Adam's moments of the rest, under
   # optax.partition's masks) is sharded like the params and restored exactly.
   config = tiny_config(tmp_path / 'run', steps=6, log_interval=1, eval_steps=0, eval_interval=0)
+  config.model.update(SMALL_MODEL)
   config.optim.name = 'muon'
   config.parallel.data, config.parallel.fsdp, config.parallel.tensor = 2, 2, 2
   config.checkpoint.interval = 3
@@ -108,7 +112,8 @@ def run_cli(run_dir, *overrides, devices: int = 8, **popen):
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   command = [sys.executable, '-m', 'maxlite.train', '--config=configs/tiny.py',
              f'--config.train.run_dir={run_dir}', '--config.train.eval_steps=0',
-             '--config.train.log_interval=1', '--config.optim.warmup_steps=1', *overrides]
+             '--config.train.log_interval=1', '--config.optim.warmup_steps=1',
+             *[f'--config.model.{field}={value}' for field, value in SMALL_MODEL.items()], *overrides]
   return subprocess.Popen(command, **{'cwd': REPO_ROOT, 'env': env, 'text': True,
                                       'stdout': subprocess.PIPE, 'stderr': subprocess.STDOUT, **popen})
 

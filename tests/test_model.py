@@ -100,8 +100,8 @@ def test_documents_do_not_attend_to_each_other():
   tokens = rng.integers(0, cfg.vocab_size, size=(1, 24))
   changed = tokens.copy()
   changed[0, :10] = (changed[0, :10] + 1) % cfg.vocab_size
-  logits = [np.asarray(model(jnp.asarray(t), jnp.asarray(segment_ids), jnp.asarray(positions)))
-            for t in (tokens, changed)]
+  forward = jax.jit(lambda t: model(t, jnp.asarray(segment_ids), jnp.asarray(positions)))
+  logits = [np.asarray(forward(jnp.asarray(t))) for t in (tokens, changed)]
   np.testing.assert_array_equal(logits[0][0, 10:], logits[1][0, 10:])
   assert np.abs(logits[0][0, :10] - logits[1][0, :10]).max() > 1e-3
 
