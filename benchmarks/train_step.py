@@ -46,6 +46,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks.batches import make_batch  # noqa: E402
+from benchmarks.rounds import median_round, paired_ratios  # noqa: E402
 from maxlite import config as config_lib, metrics as metrics_lib  # noqa: E402  (no backend starts)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'Experiment config file.',
@@ -257,21 +258,6 @@ def row(result: dict, ratios: list[float]) -> str:
           f'{result["peak_bytes"] / 2**20:8,.0f} {result["peak_kind"]:6} | '
           f'{user:5.3f}+{system:5.3f} | {faults:8,.0f} | {result["first_loss"]:.6f} | '
           f'{result["compile_seconds"]:9.1f} | {versus}')
-
-
-def median_round(results: list[dict]) -> dict:
-  """The round whose ms/step is the median (the lower one of an even count); an error if any."""
-  failed = [r for r in results if 'error' in r]
-  if failed:
-    return failed[0]
-  ordered = sorted(results, key=lambda r: r['seconds_per_step'])
-  return ordered[(len(ordered) - 1) // 2]
-
-
-def paired_ratios(results: list[dict], peers: list[dict]) -> list[float]:
-  """Per round: the peer's seconds per step over this side's (> 1: this side is faster)."""
-  return [peer['seconds_per_step'] / result['seconds_per_step']
-          for result, peer in zip(results, peers) if 'error' not in result and 'error' not in peer]
 
 
 def main(argv):
