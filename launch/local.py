@@ -83,6 +83,16 @@ def relay(stream, prefix: str):
 
 def run(command: list[str], num_processes: int, envs: list[dict], grace_s: float) -> int:
   processes = []
+
+  # Installed before the first process starts, so that no signal can arrive between
+  # a process starting and the launcher passing signals on.
+  def forward(signum, _frame):
+    for p in list(processes):
+      if p.poll() is None:
+        p.send_signal(signum)
+  signal.signal(signal.SIGINT, forward)
+  signal.signal(signal.SIGTERM, forward)
+
   for i, env in enumerate(envs):
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, errors='replace')
@@ -92,13 +102,6 @@ def run(command: list[str], num_processes: int, envs: list[dict], grace_s: float
             for i, p in enumerate(processes)]
   for thread in relays:
     thread.start()
-
-  def forward(signum, _frame):
-    for p in processes:
-      if p.poll() is None:
-        p.send_signal(signum)
-  signal.signal(signal.SIGINT, forward)
-  signal.signal(signal.SIGTERM, forward)
 
   exit_code, failed_at, terminated_at = 0, None, None
   reported = set()
